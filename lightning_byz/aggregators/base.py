@@ -1,0 +1,136 @@
+"""Shared machinery of every aggregation rule: input validation, the weight budget, the registry.
+
+An aggregator is a callable ``agg(vectors: Tensor[n, d], weights: Tensor[n] | None) -> Tensor[d]``.
+Subclasses of :class:`Aggregator` implement ``_aggregate(X, w)`` and receive inputs that are already
+validated: ``X`` is a 2-D floating tensor (float32/float64) with finite entries and ``w`` is a
+non-negative weight vector of the same dtype and device that sums to 1.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+AggregatorFn = Callable[..., Tensor]
+
+_REGISTRY: dict[str, type["Aggregator"]] = {}
+
+
+def register(name: str, *aliases: str):
+    """Class decorator: make an :class:`Aggregator` subclass available to :func:`get_aggregator`."""
+
+    def deco(cls: type[Aggregator]) -> type[Aggregator]:
+        for key in (name, *aliases):
+            if key in _REGISTRY:
+                raise RuntimeError(f"aggregator name {key!r} registered twice")
+            _REGISTRY[key] = cls
+        cls.name = name
+        return cls
+
+    return deco
+
+
+def registered(name: str) -> type["Aggregator"]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown aggregator {name!r}; available: {', '.join(sorted(_REGISTRY))}"
+        ) from None
+
+
+def available_aggregators() -> list[str]:
+    """Names accepted by :func:`get_aggregator` (aliases included), sorted."""
+    return sorted(_REGISTRY)
+
+
+def nonzero_rows(mask: Tensor, limit: int = 10) -> str:
+    rows = torch.nonzero(mask).flatten().tolist()
+    more = f" (and {len(rows) - limit} more)" if len(rows) > limit else ""
+    return ", ".join(map(str, rows[:limit])) + more
+
+
+def check_inputs(vectors: Tensor, weights: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Validate ``(vectors, weights)``; return them with weights normalised to sum 1.
+
+    Raises ``ValueError`` naming the problem: wrong rank or dtype, empty input, weights of the wrong
+    length, negative / all-zero / non-finite weights, non-finite rows of ``vectors`` (by index).
+    """
+    if not isinstance(vectors, Tensor):
+        raise ValueError(f"vectors must be a torch.Tensor of shape [n, d], got {type(vectors).__name__}")
+    if vectors.dim() != 2:
+        raise ValueError(f"vectors must have shape [n, d], got shape {tuple(vectors.shape)}")
+    n, d = vectors.shape
+    if n == 0 or d == 0:
+        raise ValueError(f"vectors must be non-empty, got shape {tuple(vectors.shape)}")
+    if vectors.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"vectors must be float32 or float64, got {vectors.dtype}")
+    bad = ~torch.isfinite(vectors).all(dim=1)
+    if bool(bad.any()):
+        raise ValueError(f"vectors contain NaN/Inf in rows {nonzero_rows(bad)}")
+    if weights is None:
+        w = torch.full((n,), 1.0 / n, dtype=vectors.dtype, device=vectors.device)
+        return vectors, w
+    w = torch.as_tensor(weights, device=vectors.device).to(vectors.dtype)
+    if w.dim() != 1 or w.shape[0] != n:
+        raise ValueError(f"weights must have shape [{n}] to match vectors, got shape {tuple(w.shape)}")
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError(f"weights contain NaN/Inf at rows {nonzero_rows(~torch.isfinite(w))}")
+    if bool((w < 0).any()):
+        raise ValueError(f"weights must be non-negative; negative at rows {nonzero_rows(w < 0)}")
+    total = w.sum()
+    if not bool(total > 0):
+        raise ValueError("weights must not all be zero")
+    return vectors, w / total
+
+
+def check_lam(lam: float, *, upper: float = 0.5, inclusive: bool = False, rule: str = "") -> float:
+    """Validate a Byzantine weight budget ``lam`` in ``[0, upper)`` (``[0, upper]`` if inclusive)."""
+    lam = float(lam)
+    ok = 0.0 <= lam and (lam <= upper if inclusive else lam < upper)
+    if not ok or math.isnan(lam):
+        bound = f"[0, {upper}]" if inclusive else f"[0, {upper})"
+        raise ValueError(f"{rule or 'aggregator'}: lam must lie in {bound}, got {lam}")
+    return lam
+
+
+class Aggregator:
+    """Base class: ``__call__`` validates, then delegates to ``_aggregate(X, w)`` (``w`` sums to 1)."""
+
+    name: str = "aggregator"
+
+    def __call__(self, vectors: Tensor, weights: Tensor | None = None) -> Tensor:
+        X, w = check_inputs(vectors, weights)
+        return self._aggregate(X, w)
+
+    def _aggregate(self, X: Tensor, w: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({args})"
+
+
+def centered_gram(X: Tensor) -> Tensor:
+    """The n×n Gram matrix of the rows of ``X`` after subtracting their mean, as float64.
+
+    Centering first keeps small pairwise distances exact in float32 (no cancellation between
+    large ||x_i||²); distances follow as ``G_ii + G_jj − 2 G_ij``. Cost: one pass over X plus one
+    n×d temporary.
+    """
+    Xc = X - X.mean(dim=0, keepdim=True)
+    return (Xc @ Xc.T).to(torch.float64)
+
+
+def pairwise_sq_dists(G: Tensor) -> Tensor:
+    """Squared Euclidean distances between rows from their Gram matrix (clamped at 0)."""
+    diag = torch.diagonal(G)
+    return (diag[:, None] + diag[None, :] - 2.0 * G).clamp_min_(0.0)
+
+
+def combine(coeffs: Tensor, X: Tensor) -> Tensor:
+    """``Σ_i coeffs_i x_i`` in X's dtype: the one pass that forms a Gram-space rule's output."""
+    return coeffs.to(X.dtype) @ X

@@ -1,0 +1,46 @@
+"""The protocol between fault callbacks and the parameter-server strategy.
+
+A fault is a Lightning ``Callback`` that also subclasses :class:`Fault`. The strategy collects every
+``Fault`` among ``trainer.callbacks`` and calls these hooks at the same points in MPI and simulated
+mode, so one configuration (worker ids 1..N−1) behaves the same in both:
+
+- ``setup_faults`` once before training (validate ids against the worker count: ``ValueError``),
+- ``on_worker_batch`` on a worker's batch before its training step (data-level faults),
+- ``worker_delay`` seconds a worker waits before sending (stragglers; virtual time when simulated),
+- ``on_worker_message`` on the vector a worker is about to send; ``None`` means nothing arrives
+  (drop attack, a lost message); the server then answers with the current parameters,
+- ``crashed``: the worker has stopped for good (crash-stop),
+- ``server_attack`` on the server, over the latest vectors of all workers (omniscient attacks).
+
+Hooks default to doing nothing, so a fault overrides only what it needs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+
+class Fault:
+    """Mixin for fault-injection callbacks; see the module docstring for when each hook runs."""
+
+    def setup_faults(self, num_workers: int, seed: int) -> None:
+        """Validate the configuration for workers 1..num_workers and seed any randomness."""
+
+    def on_worker_batch(self, worker: int, step: int, batch: Any) -> Any:
+        return batch
+
+    def worker_delay(self, worker: int, step: int) -> float:
+        return 0.0
+
+    def on_worker_message(self, worker: int, step: int, vector: Tensor) -> Tensor | None:
+        return vector
+
+    def crashed(self, worker: int, step: int) -> bool:
+        return False
+
+    def server_attack(self, vectors: Tensor, weights: Tensor, workers: Tensor) -> Tensor:
+        """Return ``vectors`` ([k, d], rows of workers ``workers``, weighted by ``weights``), possibly
+        with rows of Byzantine workers replaced. Must not modify the input in place."""
+        return vectors
