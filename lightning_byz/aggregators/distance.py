@@ -1,1 +1,377 @@
-"""(being written)"""
+"""Distance-based weighted rules computed in Gram space: GM/RFA, Krum, Multi-Krum, Bulyan, centered
+clipping, nearest-neighbour mixing (NNM) and the CTMA meta-aggregator.
+
+Every rule here only needs inner products between the n inputs and (except Bulyan's coordinate-wise
+second phase) outputs a combination ``Σ c_i x_i`` of them. So one pass builds the n×n Gram matrix
+(:func:`centered_gram`), the rule runs in n-space on the host in float64 (a few n×n operations per
+iteration, no device syncs inside loops, one n×n transfer when X lives on a GPU) and one more pass forms
+the output (:func:`combine`). Cost: about three reads of X, independent of the number of iterations.
+
+Weights. All rules are weighted; ``w`` is normalised to sum 1 and ``lam`` is the weight fraction that
+may be Byzantine (0 <= lam < 1/2). Count-based rules (Krum, Multi-Krum, Bulyan) read the weights as
+multiplicities: the lightest positive row counts as one vector (the *unit* ``u``), a row of weight
+``k·u`` as k identical vectors, so ``n_eff = 1/u`` vectors of which ``f = lam·n_eff`` may be Byzantine.
+With uniform weights and ``lam = f/n`` every rule is the classic count-based rule with f exactly, and
+integer weights (with a 1 among them) act exactly as repeated rows.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+from torch import Tensor
+
+from lightning_byz.aggregators.base import (
+    Aggregator,
+    centered_gram,
+    check_lam,
+    combine,
+    pairwise_sq_dists,
+    register,
+    registered,
+)
+
+_EPS = 1e-12  # slack for comparing weight masses computed in float64
+
+
+def take_prefix(avail: Tensor, budget: Tensor | float, dim: int = -1) -> Tensor:
+    """Masses taken from ``avail`` (already in priority order along ``dim``) until ``budget`` is spent.
+
+    Greedy and fractional: whole entries while they fit, the boundary entry partly, zeros after.
+    """
+    before = avail.cumsum(dim) - avail
+    return torch.minimum((budget - before).clamp_min(0.0), avail)
+
+
+def unit_weight(w: Tensor) -> float:
+    """The weight of one vector for count-based rules: the lightest positive weight (see module doc)."""
+    return float(w[w > 0].min())
+
+
+def _host(G: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """Gram matrix and weights as float64 on the host: the n-space work is tiny and sync-free there."""
+    return G.to("cpu", torch.float64), w.to("cpu", torch.float64)
+
+
+def _sq_dists_to(c: Tensor, G: Tensor) -> Tensor:
+    """``||y − x_j||²`` for ``y = Σ c_i x_i`` with ``Σ c_i = 1``: ``cᵀGc − 2(Gc)_j + G_jj``."""
+    Gc = G @ c
+    return (c @ Gc - 2.0 * Gc + torch.diagonal(G)).clamp_min_(0.0)
+
+
+def _mass_order_mean(keys: Tensor, w: Tensor, mass: float) -> Tensor:
+    """Coefficients of the weighted mean of the ``mass`` of rows with the smallest ``keys``."""
+    order = torch.argsort(keys, stable=True)
+    c = torch.zeros_like(w)
+    c[order] = take_prefix(w[order], mass)
+    return c / c.sum()
+
+
+def _check_count_bound(rule: str, lam: float, u: float, k: int, extra: int, strict: bool) -> None:
+    """Raise unless ``k·f + extra < n`` (``<=`` unless strict) in weight form: ``lam < (1 − extra·u)/k``."""
+    bound = (1.0 - extra * u) / k
+    if lam > bound - _EPS if strict else lam > bound + _EPS:
+        op, rel = ("<", "<") if strict else ("<=", "<=")
+        raise ValueError(
+            f"{rule} needs {k}f + {extra} {op} n, i.e. lam {rel} (1 - {extra}/n)/{k} = {bound:.6g} for "
+            f"n = {1.0 / u:.6g} unit-weight vectors; got lam = {lam}"
+        )
+
+
+class GramRule(Aggregator):
+    """A rule whose output is ``Σ c_i x_i`` with ``c`` computed from the Gram matrix alone."""
+
+    def coefficients(self, G: Tensor, w: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """``c`` (float64, host) from the float64 host Gram matrix ``G`` and weights ``w``."""
+        raise NotImplementedError
+
+    def _aggregate(self, X: Tensor, w: Tensor) -> Tensor:
+        return combine(self.coefficients(*_host(centered_gram(X), w)).to(X.device), X)
+
+
+@register("gm", "rfa")
+class GeometricMedian(GramRule):
+    """w-GM: ``argmin_y Σ w_i ||y − x_i||`` by smoothed weighted Weiszfeld, run in n-space.
+
+    Each step sets ``y = Σ β_i x_i / Σ β_i`` with ``β_i = w_i / max(nu, ||y − x_i||)`` (Pillutla,
+    Kakade & Harchaoui, "Robust Aggregation for Federated Learning", IEEE TSP 2022, Alg. 2; weighted
+    version: Dahan & Levy, NeurIPS 2024), starting from the weighted mean and stopping after ``iters``
+    steps or when the objective improves by less than ``tol`` relative. Weights are the multiplicities
+    of the objective, so integer weights are exactly repeated rows. Breakdown: weight 1/2.
+    """
+
+    def __init__(self, nu: float = 1e-6, iters: int = 100, tol: float = 1e-7):
+        if not nu > 0:
+            raise ValueError(f"gm: nu (smoothing) must be > 0, got {nu}")
+        if int(iters) != iters or iters < 1:
+            raise ValueError(f"gm: iters must be a positive integer, got {iters}")
+        if not tol >= 0:
+            raise ValueError(f"gm: tol must be >= 0, got {tol}")
+        self.nu, self.iters, self.tol = float(nu), int(iters), float(tol)
+
+    def coefficients(self, G: Tensor, w: Tensor) -> Tensor:
+        c, previous = w.clone(), math.inf
+        for _ in range(self.iters):
+            dist = _sq_dists_to(c, G).sqrt_()
+            objective = float(w @ dist)
+            if previous - objective <= self.tol * objective:
+                break
+            previous = objective
+            beta = w / dist.clamp_min(self.nu)
+            c = beta / beta.sum()
+        return c
+
+
+def krum_scores(D2: Tensor, w: Tensor, neighbour_mass: float, u: float) -> Tensor:
+    """Weighted Krum scores: ``score_i = Σ_j m_ij ||x_i − x_j||²`` over the ``neighbour_mass`` nearest x_i.
+
+    Row i's own other copies (mass ``w_i − u``, distance 0) come first, then the other rows by
+    distance, the boundary row fractionally. Rows of zero weight score ``inf`` (they are not candidates).
+    """
+    avail = w.expand_as(D2).clone()
+    avail.diagonal().sub_(u).clamp_min_(0.0)
+    order = torch.argsort(D2, dim=1, stable=True)
+    taken = take_prefix(avail.gather(1, order), neighbour_mass)
+    scores = (taken * D2.gather(1, order)).sum(1)
+    return scores.masked_fill(w <= 0, math.inf)
+
+
+class _KrumFamily(GramRule):
+    """Shared by Krum and Multi-Krum: the weight budget and the scores of Blanchard et al. (2017)."""
+
+    def __init__(self, lam: float):
+        self.lam = check_lam(lam, rule=self.name)
+
+    def _scores(self, G: Tensor, w: Tensor) -> tuple[Tensor, float]:
+        u = unit_weight(w)
+        _check_count_bound(self.name, self.lam, u, 2, 2, strict=True)
+        neighbours = 1.0 - self.lam - 2.0 * u
+        return krum_scores(pairwise_sq_dists(G), w, neighbours, u), u
+
+
+@register("krum")
+class Krum(_KrumFamily):
+    """Weighted Krum: the input with the smallest sum of squared distances to its n − f − 2 neighbours.
+
+    Blanchard, El Mhamdi, Guerraoui & Stainer, "Machine Learning with Adversaries: Byzantine Tolerant
+    Gradient Descent", NeurIPS 2017. Weights are multiplicities (module doc): neighbour sets are taken
+    by weight mass ``1 − lam − 2u`` instead of by count, a row's own extra copies counting first.
+    Requires ``2f + 2 < n``, i.e. ``lam < 1/2 − u``.
+    """
+
+    def __init__(self, lam: float = 0.1):
+        super().__init__(lam)
+
+    def coefficients(self, G: Tensor, w: Tensor) -> Tensor:
+        scores, _ = self._scores(G, w)
+        c = torch.zeros_like(w)
+        c[torch.argmin(scores)] = 1.0
+        return c
+
+
+@register("multikrum")
+class MultiKrum(_KrumFamily):
+    """Weighted Multi-Krum: the weighted mean of the m inputs with the best Krum scores.
+
+    El Mhamdi, Guerraoui & Rouault, "The Hidden Vulnerability of Distributed Learning in Byzantium",
+    ICML 2018 (m = n − f by default; m = 1 is Krum). Weights are multiplicities: the rows with the
+    lowest scores are kept until their weight reaches ``m·u`` (default ``1 − lam``), the boundary row
+    fractionally.
+    """
+
+    def __init__(self, lam: float = 0.1, m: int | None = None):
+        super().__init__(lam)
+        if m is not None and (int(m) != m or m < 1):
+            raise ValueError(f"multikrum: m must be a positive integer or None, got {m}")
+        self.m = None if m is None else int(m)
+
+    def coefficients(self, G: Tensor, w: Tensor) -> Tensor:
+        scores, u = self._scores(G, w)
+        mass = 1.0 - self.lam if self.m is None else self.m * u
+        if mass > 1.0 + _EPS:
+            raise ValueError(f"multikrum: m = {self.m} exceeds the n = {1.0 / u:.6g} unit-weight vectors")
+        return _mass_order_mean(scores, w, min(mass, 1.0))
+
+
+@register("bulyan")
+class Bulyan(Aggregator):
+    """Weighted Bulyan over Krum (El Mhamdi, Guerraoui & Rouault, ICML 2018), requiring n >= 4f + 3.
+
+    Phase 1 selects θ = n − 2f vectors by repeated Krum on the remaining multiset (with the same f);
+    phase 2 returns, per coordinate, the mean of the β = θ − 2f selected values closest to their
+    median. Weights are multiplicities (module doc): each Krum round takes one unit ``u`` of the winning
+    row, so the selection is exact on integer weights (cost: about n_eff rounds of O(n² log n) host
+    work); phase 2 keeps the weight mass ``1 − 4·lam`` closest to the weighted median, the boundary
+    value fractionally. A Krum round whose neighbourhood would be empty (only possible in the last
+    rounds) uses one unit of neighbours; equal scores (mutual nearest neighbours) go to the row with the
+    smaller weighted sum of squared distances to the remaining rows, so the result is order-free.
+    """
+
+    def __init__(self, lam: float = 0.1):
+        self.lam = check_lam(lam, upper=0.25, rule="bulyan")
+
+    def selection(self, G: Tensor, w: Tensor) -> Tensor:
+        """Phase 1: the selected weight of each row (host float64, sums to ``1 − 2·lam``)."""
+        u = unit_weight(w)
+        _check_count_bound("bulyan", self.lam, u, 4, 3, strict=False)
+        D2, remaining, chosen = pairwise_sq_dists(G), w.clone(), torch.zeros_like(w)
+        target, total = 1.0 - 2.0 * self.lam, 0.0
+        while total < target - _EPS:
+            neighbours = max(float(remaining.sum()) - self.lam - 2.0 * u, u)
+            scores = krum_scores(D2, remaining, neighbours, u)
+            # Mutual nearest neighbours tie when few neighbours count: prefer the more central one.
+            ties = scores <= scores.min() * (1.0 + 1e-9)
+            i = int(torch.argmin((D2 @ remaining).masked_fill(~ties, math.inf)))
+            bite = min(u, float(remaining[i]), target - total)
+            chosen[i] += bite
+            remaining[i] -= bite
+            total += bite
+        return chosen
+
+    def _aggregate(self, X: Tensor, w: Tensor) -> Tensor:
+        from lightning_byz.aggregators.coordinate import weighted_median
+
+        chosen = self.selection(*_host(centered_gram(X), w))
+        rows = torch.nonzero(chosen > 0).flatten()
+        ws = (chosen[rows] / chosen.sum()).to(X.device, X.dtype)
+        Xs = X[rows.to(X.device)]
+        # Phase 2 keeps β/θ = (1 − 4 lam)/(1 − 2 lam) of the selection, so it may drop more than half
+        # (coordinate.py's Meamed assumes less): sort by distance to the weighted median here.
+        keep = (1.0 - 4.0 * self.lam) / (1.0 - 2.0 * self.lam)
+        order = torch.argsort((Xs - weighted_median(Xs, ws)).abs_(), dim=0, stable=True)
+        taken = take_prefix(ws[order], keep, dim=0)
+        return (taken * Xs.gather(0, order)).sum(0) / taken.sum(0)
+
+
+@register("cclip")
+class CenteredClipping(GramRule):
+    """Weighted centered clipping: ``v ← v + Σ w_i (x_i − v) min(1, tau/||x_i − v||)``, ``iters`` times.
+
+    Karimireddy, He & Jaggi, "Learning from History for Non-IID Byzantine Robust Optimization" /
+    "Learning from History for Byzantine Robust Optimization", ICML 2021. The paper starts from the
+    previous aggregate (momentum); this rule is stateless, so it starts from the weighted medoid
+    (``start="medoid"``: the input minimising ``Σ_j w_j ||x_i − x_j||``, robust up to weight 1/2) or
+    the weighted mean (``start="mean"``). Weights are multiplicities of the update's sum, so integer
+    weights are exactly repeated rows.
+    """
+
+    STARTS = ("medoid", "mean")
+
+    def __init__(self, tau: float = 10.0, iters: int = 3, start: str = "medoid"):
+        if not tau > 0:
+            raise ValueError(f"cclip: tau (clipping radius) must be > 0, got {tau}")
+        if int(iters) != iters or iters < 1:
+            raise ValueError(f"cclip: iters must be a positive integer, got {iters}")
+        if start not in self.STARTS:
+            raise ValueError(f"cclip: start must be one of {self.STARTS}, got {start!r}")
+        self.tau, self.iters, self.start = float(tau), int(iters), start
+
+    def coefficients(self, G: Tensor, w: Tensor) -> Tensor:
+        if self.start == "mean":
+            c = w.clone()
+        else:
+            cost = (pairwise_sq_dists(G).sqrt() @ w).masked_fill(w <= 0, math.inf)
+            c = torch.zeros_like(w)
+            c[torch.argmin(cost)] = 1.0
+        for _ in range(self.iters):
+            dist = _sq_dists_to(c, G).sqrt_()
+            a = w * torch.where(dist > self.tau, self.tau / dist, torch.ones_like(dist))
+            c = c * (1.0 - a.sum()) + a
+        return c
+
+
+def nnm_matrix(G: Tensor, w: Tensor, lam: float) -> Tensor:
+    """Row-stochastic n×n mixing matrix of weighted NNM: row i averages the ``1 − lam`` weight mass nearest x_i."""
+    D2 = pairwise_sq_dists(G)
+    order = torch.argsort(D2, dim=1, stable=True)
+    taken = take_prefix(w.expand_as(D2).gather(1, order), 1.0 - lam)
+    M = torch.zeros_like(D2).scatter_(1, order, taken)
+    return M / M.sum(1, keepdim=True)
+
+
+def _check_nnm_lam(lam: float) -> float:
+    lam = check_lam(lam, rule="nnm")
+    if lam == 0:
+        raise ValueError("nnm: lam must be > 0 (with lam = 0 every row mixes into the same weighted mean)")
+    return lam
+
+
+@register("nnm")
+class NearestNeighbourMixing(GramRule):
+    """Weighted NNM followed by the weighted mean (use ``pre="nnm"`` to put NNM in front of another rule).
+
+    Allouah, Farhadkhani, Guerraoui, Gupta, Pinot & Stephan, "Fixing by Mixing: A Recipe for Optimal
+    Byzantine ML under Heterogeneity", AISTATS 2023: each x_i is replaced by the mean of its n − f
+    nearest inputs (itself included). Weighted: by the weighted mean of the ``1 − lam`` weight mass
+    nearest x_i (its own weight first), the boundary row fractionally; the mixed row keeps weight w_i.
+    Alone (NNM then the mean) it is not robust: the Byzantine rows stay in the mean; it is meant to sit
+    in front of a robust rule, where it shrinks the heterogeneity that rule must tolerate.
+    """
+
+    def __init__(self, lam: float = 0.1):
+        self.lam = _check_nnm_lam(lam)
+
+    def coefficients(self, G: Tensor, w: Tensor) -> Tensor:
+        return w @ nnm_matrix(G, w, self.lam)
+
+
+class PreAggregated(Aggregator):
+    """``rule`` applied to the NNM-mixed inputs (same weights): ``rule(M X, w)``."""
+
+    def __init__(self, rule: Aggregator, lam: float):
+        self.rule, self.lam = rule, _check_nnm_lam(lam)
+
+    def _aggregate(self, X: Tensor, w: Tensor) -> Tensor:
+        G, wh = _host(centered_gram(X), w)
+        M = nnm_matrix(G, wh, self.lam)
+        if isinstance(self.rule, GramRule):  # Gram of the mixed rows: M G Mᵀ, no second pass over X
+            return combine((self.rule.coefficients(M @ G @ M.T, wh) @ M).to(X.device), X)
+        return self.rule._aggregate(combine(M.to(X.device), X), w)
+
+
+def with_pre_aggregation(pre: str, rule: Aggregator, lam: float) -> Aggregator:
+    """Put the pre-aggregation ``pre`` (only ``"nnm"``) in front of ``rule``; NNM uses budget ``lam``."""
+    if pre != "nnm":
+        raise ValueError(f"unknown pre-aggregation {pre!r}; available: 'nnm'")
+    return PreAggregated(rule, lam)
+
+
+@register("ctma")
+class CTMA(Aggregator):
+    """w-CTMA meta-aggregator over any base rule (Dahan & Levy, NeurIPS 2024, after the CTMA of Dahan &
+    Levy, "Fault Tolerant ML: Efficient Meta-Aggregation and Synchronous Training", ICML 2024).
+
+    ``x0 = base(X, w)``; rows ordered by ``||x_i − x0||``; the closest are kept until their weight
+    reaches ``1 − lam`` (the boundary row fractionally); returns their weighted mean. Weights are
+    multiplicities, so the repetition law holds whenever it holds for the base. ``base`` is a rule name
+    (built with ``base_kwargs``, plus ``lam`` when it takes one) or an :class:`Aggregator`. Gram-space
+    bases (gm, krum, multikrum, cclip, nnm) share one Gram matrix: ctma costs about what its base does.
+    """
+
+    def __init__(self, base: str | Aggregator = "gm", lam: float = 0.1, **base_kwargs):
+        self.lam = check_lam(lam, rule="ctma")
+        if isinstance(base, Aggregator):
+            if base_kwargs:
+                raise ValueError(f"ctma: arguments {sorted(base_kwargs)} given with a built base")
+            self.base = base
+            return
+        cls = registered(base)
+        if "lam" in inspect.signature(cls).parameters:
+            base_kwargs = {"lam": lam, **base_kwargs}
+        try:
+            self.base = cls(**base_kwargs)
+        except TypeError as err:
+            raise ValueError(f"ctma: bad arguments for base {base!r}: {err}") from None
+
+    def _aggregate(self, X: Tensor, w: Tensor) -> Tensor:
+        if isinstance(self.base, GramRule):
+            G, wh = _host(centered_gram(X), w)
+            dist2 = _sq_dists_to(self.base.coefficients(G, wh), G)
+        else:
+            x0 = self.base._aggregate(X, w)
+            dist2 = torch.linalg.vector_norm(X - x0, dim=1).to("cpu", torch.float64)
+            wh = w.to("cpu", torch.float64)
+        c = _mass_order_mean(dist2, wh, 1.0 - self.lam)
+        return combine(c.to(X.device), X)

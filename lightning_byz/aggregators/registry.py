@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 from lightning_byz.aggregators import coordinate, distance, flag  # noqa: F401  (they register their rules)
 from lightning_byz.aggregators.base import AggregatorFn, registered
 
@@ -16,7 +18,10 @@ def get_aggregator(name: str | AggregatorFn, **kwargs) -> AggregatorFn:
             raise ValueError(f"keyword arguments {sorted(kwargs)} given with a callable aggregator")
         return name
     pre = kwargs.pop("pre", None)
-    rule = registered(name)(**kwargs)
+    cls = registered(name)
     if pre is None:
-        return rule
-    return distance.with_pre_aggregation(pre, rule, lam=kwargs.get("lam", 0.0))
+        return cls(**kwargs)
+    lam = kwargs.get("lam", 0.0)
+    if "lam" not in inspect.signature(cls).parameters:  # e.g. cwmed, gm: lam is NNM's alone
+        kwargs.pop("lam", None)
+    return distance.with_pre_aggregation(pre, cls(**kwargs), lam=lam)

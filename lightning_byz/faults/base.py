@@ -10,7 +10,11 @@ mode, so one configuration (worker ids 1..N−1) behaves the same in both:
 - ``on_worker_message`` on the vector a worker is about to send; ``None`` means nothing arrives
   (drop attack, a lost message); the server then answers with the current parameters,
 - ``crashed``: the worker has stopped for good (crash-stop),
-- ``server_attack`` on the server, over the latest vectors of all workers (omniscient attacks).
+- ``server_attack`` on the server, over the latest vectors of all workers (omniscient attacks),
+- ``metrics`` whenever the strategy logs: counters of what the fault did (floats, keys
+  prefixed by the fault's kind, e.g. ``packet_loss/packets_lost``). Worker-side counters live in
+  the process that ran the worker hooks (each worker rank under MPI; the one process when
+  simulated).
 
 Hooks default to doing nothing, so a fault overrides only what it needs.
 """
@@ -44,3 +48,7 @@ class Fault:
         """Return ``vectors`` ([k, d], rows of workers ``workers``, weighted by ``weights``), possibly
         with rows of Byzantine workers replaced. Must not modify the input in place."""
         return vectors
+
+    def metrics(self) -> dict[str, float]:
+        """Counters of what this fault has done so far, for the strategy to log."""
+        return {}

