@@ -49,7 +49,9 @@ class AsyncPSStrategy(SingleDeviceStrategy):
 
     Args:
         aggregator: a name for :func:`lightning_byz.aggregators.get_aggregator` or a callable
-            ``agg(vectors[n, d], weights[n]) -> [d]``; ``aggregator_kwargs`` pass through.
+            ``agg(vectors[n, d], weights[n]) -> [d]``.
+        aggregator_kwargs: keyword arguments of the aggregator (e.g. ``{lam: 0.25, base: cwmed}``);
+            the YAML/CLI way to give them. Extra ``**kwargs`` are merged in (the Python way).
         mode: ``"async"`` (update on every arrival, weights s_i / Σ s_j) or ``"sync"`` (rounds).
         transport: ``"auto"`` (MPI under mpirun/srun with > 1 rank, else simulated), ``"mpi"``,
             ``"simulated"``.
@@ -79,7 +81,8 @@ class AsyncPSStrategy(SingleDeviceStrategy):
         worker_timeout: float = 60.0,
         seed: int = 0,
         sim_step_time: float = 0.05,
-        **aggregator_kwargs: Any,
+        aggregator_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
     ):
         super().__init__(device="cpu")
         if mode not in ("async", "sync"):
@@ -88,7 +91,10 @@ class AsyncPSStrategy(SingleDeviceStrategy):
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
         if not worker_timeout > 0:
             raise ValueError(f"worker_timeout must be > 0 seconds, got {worker_timeout}")
-        self.aggregator = get_aggregator(aggregator, **aggregator_kwargs)
+        both = sorted(set(aggregator_kwargs or {}) & set(kwargs))
+        if both:
+            raise ValueError(f"aggregator arguments {both} given both in aggregator_kwargs and as keywords")
+        self.aggregator = get_aggregator(aggregator, **(aggregator_kwargs or {}), **kwargs)
         self.mode = mode
         self.arrival = arrival
         self.sync_quorum = sync_quorum
@@ -122,6 +128,7 @@ class AsyncPSStrategy(SingleDeviceStrategy):
         self.arrival_q = simulated.arrival_probabilities(arrival, self.num_workers)
         self.local_rank = local_rank()
         self.faults: list[Fault] = []
+        self.server: ParameterServer | None = None  # the server's state, on the server (kept after fit)
         self._role: _Role | None = None
 
     @staticmethod
@@ -171,6 +178,7 @@ class AsyncPSStrategy(SingleDeviceStrategy):
             self._role = _MPIWorkerRole(self, trainer, split, flat)
             _make_worker_loop(trainer)
         if self.is_server:
+            self.server = self._role.server
             trainer.callbacks.append(_ServerState(self))
             warnings.filterwarnings("ignore", message=".*`training_step` returned `None`.*")
 
@@ -258,6 +266,24 @@ class AsyncPSStrategy(SingleDeviceStrategy):
             buffers_numel=buffers_numel,
             clock=clock,
         )
+
+
+def _gradient_at(flat: FlatModel, point: Tensor, closure: Callable[[], Any], out: Tensor, same_rng: bool) -> Any:
+    """Run Lightning's closure (training step + backward) at ``point``; flat gradient into ``out``.
+
+    ``same_rng`` forks the RNG so the next evaluation draws the same random numbers (dropout masks):
+    STORM's two gradients must see the same sample z_t.
+    """
+    if point is not flat.params:
+        flat.params.copy_(point)
+    devices = [flat.device] if flat.device.type == "cuda" else []
+    if same_rng:
+        with torch.random.fork_rng(devices=devices):
+            result = closure()
+    else:
+        result = closure()
+    flat.gather_grads(out)
+    return result
 
 
 def _make_worker_loop(trainer: pl.Trainer) -> None:
@@ -360,12 +386,6 @@ class _SimulatedRole(_Role):
         self.logging.log()
         return self.strategy.user_training_step(self.batch, args, kwargs)
 
-    def _gradient_at(self, point: Tensor, closure: Callable[[], Any], out: Tensor) -> Any:
-        self.flat.params.copy_(point)
-        result = closure()
-        self.flat.gather_grads(out)
-        return result
-
     def optimizer_step(self, closure: Callable[[], Any]) -> Any:
         strategy, server = self.strategy, self.server
         result = None
@@ -378,9 +398,9 @@ class _SimulatedRole(_Role):
             self.batch = strategy.worker_batch(w, step, batch)
             prev = None
             if self.storm and step > 0:
-                self._gradient_at(self.prev[i], closure, self.prev_grad)
+                _gradient_at(self.flat, self.prev[i], closure, self.prev_grad, same_rng=True)
                 prev = [self.prev_grad]
-            result = self._gradient_at(self.query[i], closure, self.grad)
+            result = _gradient_at(self.flat, self.query[i], closure, self.grad, same_rng=False)
             point = [self.query[i]]
             direction = self.rules[i].direction(
                 [self.grad], prev, params=point, prev_params=[self.prev[i]] if prev else None
@@ -578,13 +598,10 @@ class _MPIWorkerRole(_Role):
         prev = None
         if self.storm and self.step > 0:
             self.current.copy_(self.flat.params)
-            self.flat.params.copy_(self.prev)
-            closure()
-            self.flat.gather_grads(self.prev_grad)
+            _gradient_at(self.flat, self.prev, closure, self.prev_grad, same_rng=True)
             self.flat.params.copy_(self.current)
             prev = [self.prev_grad]
-        result = closure()
-        self.flat.gather_grads(self.grad)
+        result = _gradient_at(self.flat, self.flat.params, closure, self.grad, same_rng=False)
         direction = self.rule.direction(
             [self.grad], prev, params=[self.flat.params], prev_params=[self.prev] if prev else None
         )[0]

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from lightning_byz.aggregators import coordinate, get_aggregator
 from lightning_byz.aggregators.coordinate import (
     bitonic_merger,
+    closest_to_center_mean,
     sorting_network,
     weighted_median,
     weighted_trimmed_mean,
@@ -187,6 +188,46 @@ def test_uniform_lam_f_over_n_is_the_classic_rule(name, n):
     for f in range((n - 1) // 2 + 1):
         got = make(name, Fraction(f, n))(X)
         np.testing.assert_allclose(got.numpy(), classic(name, X, f), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 7, 8, 11, 17])
+def test_uniform_fast_path_keeps_any_count_even_dropping_more_than_half(n):
+    """keep = k/n with uniform weights (the fast path) against the brute-force reference for every k,
+    in particular k < n/2 (Bulyan drops 4 of 7 at n = 11, f = 2): median centre on tied integer
+    values, trimmed centre on continuous ones (its rounded centre may split exact ties, so skip the
+    trims that leave two values: their midpoint is equidistant from both by construction)."""
+    gen = torch.Generator().manual_seed(n)
+    ties = torch.randint(-3, 4, (n, 40), generator=gen).double()
+    X = torch.randn(n, 40, generator=gen, dtype=torch.float64)
+    w = torch.full((n,), 1.0 / n, dtype=torch.float64)
+    for k in range(1, n + 1):
+        drop = Fraction(n - k, n)
+        got = closest_to_center_mean(ties, w, k / n)
+        want = [ref_closest(col, [1] * n, ref_median(col, [1] * n), drop) for col in ties.T.tolist()]
+        torch.testing.assert_close(got, torch.tensor([float(r) for r in want], dtype=torch.float64))
+        for f in (f for f in range((n - 1) // 2 + 1) if n - 2 * f != 2):
+            got = closest_to_center_mean(X, w, k / n, "trimmed", f / n)
+            want = [ref_closest(col, [1] * n, ref_trimmed(col, [1] * n, Fraction(f, n)), drop)
+                    for col in X.T.tolist()]
+            torch.testing.assert_close(got, torch.tensor([float(r) for r in want], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", LAM_RULES)
+@pytest.mark.parametrize("lam", [0.1, 0.3, 0.45])
+def test_uniform_weights_with_fractional_lam_match_reference(name, lam):
+    """lam * n not an integer with uniform weights: boundary values count fractionally (unsorted rows)."""
+    X = torch.randn(7, 30, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    want = reference(name, X, [1] * 7, Fraction(lam))
+    torch.testing.assert_close(make(name, lam)(X), want, rtol=1e-12, atol=1e-12)
+
+
+def test_closest_to_center_mean_checks_arguments():
+    X, w = torch.zeros(3, 2), torch.full((3,), 1 / 3)
+    for keep in (0.0, 1.5):
+        with pytest.raises(ValueError, match=r"keep must lie in \(0, 1\]"):
+            closest_to_center_mean(X, w, keep)
+    with pytest.raises(ValueError, match="center must be one of"):
+        closest_to_center_mean(X, w, 0.5, "mean")
 
 
 def test_cwmed_is_torch_median_for_odd_n_and_midpoint_for_even_n():

@@ -106,6 +106,15 @@ def test_bulyan_is_classic_at_lam_f_over_n(n, f):
     np.testing.assert_allclose(out.numpy(), literal_bulyan(X.numpy(), f), atol=1e-12)
 
 
+def test_bulyan_float32_at_the_bound_n_equals_4f_plus_3():
+    """Float32 weights are renormalised in float64: lam = f/n with n = 4f + 3 is accepted, every
+    selected row keeps one equal unit (the uniform phase 2, which drops more than half here)."""
+    X = data(11, 5, 12)
+    out = get_aggregator("bulyan", lam=2 / 11)(X.float())
+    assert out.dtype == torch.float32
+    np.testing.assert_allclose(out.numpy(), literal_bulyan(X.numpy(), 2), atol=1e-5)
+
+
 def test_ctma_matches_sort_and_trim():
     X, w = data(8, 4, 7), torch.tensor([0.1, 0.3, 0.05, 0.2, 0.1, 0.1, 0.1, 0.05], dtype=F64)
     lam = 0.27

@@ -131,12 +131,13 @@ def _order_statistics(block: Tensor, exact: tuple[int, ...]) -> list[Tensor]:
 
 
 @functools.lru_cache(maxsize=None)
-def _exact_rows(n: int, used: tuple[int, ...]) -> tuple[int, ...]:
-    """Which order statistics to compute exactly to sum the rows ``used`` (ascending): ``used``
-    itself, or, when cheaper, everything outside the contiguous run they form (then the run is
-    known as a set, which is all a trimmed mean needs)."""
+def _exact_rows(n: int, coeffs: tuple[float, ...]) -> tuple[int, ...]:
+    """Which order statistics to compute exactly for ``Σ_k coeffs_k · (k-th smallest)``: the rows
+    used, or, when cheaper and the used rows form a run of equal coefficients, everything outside
+    the run (then the run is known as a set, which is all an equally weighted sum needs)."""
+    used = tuple(k for k, c in enumerate(coeffs) if c != 0.0)
     options = [used]
-    if used == tuple(range(used[0], used[-1] + 1)):
+    if used == tuple(range(used[0], used[-1] + 1)) and len({coeffs[k] for k in used}) == 1:
         options.append(tuple(k for k in range(n) if not used[0] <= k <= used[-1]))
     return min(options, key=lambda rows: len(_pruned(sorting_network(n), rows)))
 
@@ -217,7 +218,7 @@ def _trim_coefficients(n: int, lam: float) -> tuple[float, ...]:
 def _uniform_order_combination(X: Tensor, coeffs: tuple[float, ...]) -> Tensor:
     """Σ_k coeffs_k · (k-th smallest value) per coordinate, reading only the order statistics used."""
     used = tuple(k for k, c in enumerate(coeffs) if c != 0.0)
-    exact = _exact_rows(X.shape[0], used)
+    exact = _exact_rows(X.shape[0], coeffs)
 
     def fn(block: Tensor) -> Tensor:
         rows = _order_statistics(block, exact)
@@ -263,21 +264,27 @@ def _closest_mass_mean(V: Tensor, W: Tensor, center: Tensor, keep: float) -> Ten
     return (kept * V).sum(0) / keep
 
 
-def _window_mean(V: list[Tensor], center: Tensor, f: int) -> Tensor:
-    """Classic rule: mean of the n - f values closest to ``center``, from the sorted rows ``V``
-    (only the f lowest and f highest need to be in order; the middle is summed).
+def _window_mean(V: list[Tensor], center: Tensor, k: int) -> Tensor:
+    """Classic rule: mean of the k values closest to ``center`` (the lower first at equal distance),
+    from the rows ``V`` sorted at least at positions j < g and j >= k, g = n - k the values dropped
+    (a run of rows between those need only hold the right set: it is summed).
 
-    The kept values form a window V[a : a + n - f] with a in 0..f. Window a keeps V[j] for j >= a
-    and V[j + n - f] for j < a (j < f), and sliding it past j helps iff V[j] is strictly farther
-    from the center than V[j + n - f]; along sorted rows that holds for j < a and fails after. So
-    the window is the middle V[f : n - f] plus, for each j < f, the closer of V[j] and
-    V[j + n - f] (the lower at equal distance): f selections, no sums of excluded outliers."""
-    k = len(V) - f
-    total = V[f].clone()
-    for row in V[f + 1 : k]:
+    The kept values form a window V[a : a + k] with a in 0..g, and sliding it past j helps iff V[j]
+    is strictly farther from the center than V[j + k]; along sorted rows that holds for j < a and
+    fails after, so a counts the j < g where it holds. When less than half is dropped (g < k) the
+    window is the middle V[g : k] plus, for each j < g, the closer of V[j] and V[j + k]: g
+    selections, no sums of excluded outliers. Otherwise the k rows from a are gathered."""
+    n = len(V)
+    g = n - k
+    farther = [center - V[j] > V[j + k] - center for j in range(g)]
+    if g >= k:
+        start = torch.stack(farther).sum(0)
+        return torch.stack(V).gather(0, start + torch.arange(k, device=start.device)[:, None]).mean(0)
+    total = V[g].clone()
+    for row in V[g + 1 : k]:
         total += row
-    for j in range(f):
-        total += torch.where(center - V[j] > V[j + k] - center, V[j + k], V[j])
+    for j in range(g):
+        total += torch.where(farther[j], V[j + k], V[j])
     return total / k
 
 
@@ -310,15 +317,33 @@ def weighted_trimmed_mean(X: Tensor, w: Tensor, lam: float) -> Tensor:
     return _apply(X, fn)
 
 
-def _closest_to_center(X: Tensor, w: Tensor, lam: float, center: str) -> Tensor:
-    """Meamed (center = median) or Phocas (center = trimmed mean): mean of mass 1 - lam closest."""
+CENTERS = ("median", "trimmed")
+
+
+def closest_to_center_mean(X: Tensor, w: Tensor, keep: float, center: str = "median",
+                           lam: float = 0.0) -> Tensor:
+    """Per coordinate, the weighted mean of the weight mass ``keep`` (in (0, 1]) closest to a centre:
+    the w-CWMed (``center="median"``, Meamed and Bulyan's second phase) or the w-CWTM with budget
+    ``lam`` (``"trimmed"``, Phocas), for validated ``X`` [n, d] and ``w`` summing to 1.
+
+    Values are taken closest first, the lower value first at equal distance; the boundary value
+    contributes only the mass still missing. Uniform weights with ``keep = k/n`` keep exactly the
+    k values closest to the classic centre, any k (more than half may be dropped).
+    """
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"keep must lie in (0, 1], got {keep}")
+    if center not in CENTERS:
+        raise ValueError(f"center must be one of {CENTERS}, got {center!r}")
+    lam = check_lam(lam, rule="trimmed centre")
     n = X.shape[0]
-    f = _count(lam, n)
-    if _is_uniform(w) and f is not None:
-        # Exact: the f lowest and f highest (the window's candidates) and, for Meamed, the median;
-        # the middle rows are only summed.
-        middle = (n - 1) // 2, n // 2
-        exact = tuple(k for k in range(n) if k < f or k >= n - f or (center == "median" and k in middle))
+    k, f = _count(keep, n), _count(lam, n)
+    if _is_uniform(w) and k is not None and (center == "median" or f is not None):
+        # Exact: the rows the window compares (all of them when more than half is dropped) and
+        # the centre's: the median, or the f lowest and f highest around a trimmed middle that is
+        # only summed.
+        middle = ((n - 1) // 2, n // 2) if center == "median" else ()
+        exact = tuple(j for j in range(n) if j < n - k or j >= k or j in middle
+                      or (center == "trimmed" and not f <= j < n - f))
 
         def fn(block: Tensor) -> Tensor:
             V = _order_statistics(block, exact)
@@ -326,7 +351,7 @@ def _closest_to_center(X: Tensor, w: Tensor, lam: float, center: str) -> Tensor:
                 mid = 0.5 * (V[middle[0]] + V[middle[1]])
             else:
                 mid = sum(V[f : n - f]) / (n - 2 * f)
-            return _window_mean(V, mid, f)
+            return _window_mean(V, mid, k)
 
         return _apply(X, fn)
 
@@ -334,7 +359,7 @@ def _closest_to_center(X: Tensor, w: Tensor, lam: float, center: str) -> Tensor:
         V, W = _sorted_weighted(block, w)
         C, C_prev = _cumulative(W, (0.5,) if center == "median" else (lam, 1.0 - lam))
         mid = _weighted_median_sorted(V, C) if center == "median" else _trimmed_sorted(V, C, C_prev, lam)
-        return _closest_mass_mean(V, W, mid, 1.0 - lam)
+        return _closest_mass_mean(V, W, mid, keep)
 
     return _apply(X, fn)
 
@@ -393,7 +418,7 @@ class Meamed(_Trimming):
     """
 
     def _aggregate(self, X: Tensor, w: Tensor) -> Tensor:
-        return _closest_to_center(X, w, self.lam, "median")
+        return closest_to_center_mean(X, w, 1.0 - self.lam)
 
 
 @register("phocas")
@@ -406,4 +431,4 @@ class Phocas(_Trimming):
     """
 
     def _aggregate(self, X: Tensor, w: Tensor) -> Tensor:
-        return _closest_to_center(X, w, self.lam, "trimmed")
+        return closest_to_center_mean(X, w, 1.0 - self.lam, "trimmed", self.lam)

@@ -32,6 +32,7 @@ from lightning_byz.aggregators.base import (
     register,
     registered,
 )
+from lightning_byz.aggregators.coordinate import closest_to_center_mean
 
 _EPS = 1e-12  # slack for comparing weight masses computed in float64
 
@@ -51,8 +52,12 @@ def unit_weight(w: Tensor) -> float:
 
 
 def _host(G: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
-    """Gram matrix and weights as float64 on the host: the n-space work is tiny and sync-free there."""
-    return G.to("cpu", torch.float64), w.to("cpu", torch.float64)
+    """Gram matrix and weights as float64 on the host: the n-space work is tiny and sync-free there.
+
+    The weights are renormalised in float64, so float32 uniform weights become 1/n to float64
+    precision (count bounds such as Bulyan's n >= 4f + 3 are then exact at lam = f/n)."""
+    w = w.to("cpu", torch.float64)
+    return G.to("cpu", torch.float64), w / w.sum()
 
 
 def _sq_dists_to(c: Tensor, G: Tensor) -> Tensor:
@@ -204,7 +209,7 @@ class Bulyan(Aggregator):
     median. Weights are multiplicities (module doc): each Krum round takes one unit ``u`` of the winning
     row, so the selection is exact on integer weights (cost: about n_eff rounds of O(n² log n) host
     work); phase 2 keeps the weight mass ``1 − 4·lam`` closest to the weighted median, the boundary
-    value fractionally. A Krum round whose neighbourhood would be empty (only possible in the last
+    value fractionally, the lower value first at equal distance (:func:`closest_to_center_mean`). A Krum round whose neighbourhood would be empty (only possible in the last
     rounds) uses one unit of neighbours; equal scores (mutual nearest neighbours) go to the row with the
     smaller weighted sum of squared distances to the remaining rows, so the result is order-free.
     """
@@ -224,25 +229,21 @@ class Bulyan(Aggregator):
             # Mutual nearest neighbours tie when few neighbours count: prefer the more central one.
             ties = scores <= scores.min() * (1.0 + 1e-9)
             i = int(torch.argmin((D2 @ remaining).masked_fill(~ties, math.inf)))
-            bite = min(u, float(remaining[i]), target - total)
+            bite = min(u, float(remaining[i]))
+            if total + bite > target + _EPS:  # only a real overshoot is cut: whole units stay equal
+                bite = target - total
             chosen[i] += bite
             remaining[i] -= bite
             total += bite
         return chosen
 
     def _aggregate(self, X: Tensor, w: Tensor) -> Tensor:
-        from lightning_byz.aggregators.coordinate import weighted_median
-
         chosen = self.selection(*_host(centered_gram(X), w))
         rows = torch.nonzero(chosen > 0).flatten()
         ws = (chosen[rows] / chosen.sum()).to(X.device, X.dtype)
-        Xs = X[rows.to(X.device)]
-        # Phase 2 keeps β/θ = (1 − 4 lam)/(1 − 2 lam) of the selection, so it may drop more than half
-        # (coordinate.py's Meamed assumes less): sort by distance to the weighted median here.
+        # Phase 2 keeps β/θ = (1 − 4 lam)/(1 − 2 lam) of the selection (it may drop more than half).
         keep = (1.0 - 4.0 * self.lam) / (1.0 - 2.0 * self.lam)
-        order = torch.argsort((Xs - weighted_median(Xs, ws)).abs_(), dim=0, stable=True)
-        taken = take_prefix(ws[order], keep, dim=0)
-        return (taken * Xs.gather(0, order)).sum(0) / taken.sum(0)
+        return closest_to_center_mean(X[rows.to(X.device)], ws, keep)
 
 
 @register("cclip")

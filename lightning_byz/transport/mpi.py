@@ -37,6 +37,17 @@ def under_mpi() -> bool:
     return MPI.COMM_WORLD.Get_size() > 1
 
 
+def _wait(req: MPI.Request) -> None:
+    """Wait for ``req``, polling with a short back-off (<= 1 ms) instead of MPI's busy wait: a waiting
+    worker then leaves the CPU to the server when ranks share cores (oversubscribed machines)."""
+    spins, pause = 0, 2e-5
+    while not req.Test():
+        spins += 1
+        if spins > 50:
+            time.sleep(pause)
+            pause = min(pause * 2, 1e-3)
+
+
 class _Buffer:
     """A byte buffer with an int64 header view and a payload tensor view (pinned when for CUDA)."""
 
@@ -151,9 +162,10 @@ class MPIWorkerTransport:
 
     def exchange(self, step: int, version: int, payload: Tensor | None) -> tuple[np.ndarray, Tensor]:
         """Send ``payload`` (None: an empty "nothing" message); return (reply header, reply payload)."""
+        reply = self.comm.Irecv([self.inp.bytes, MPI.BYTE], source=0, tag=TAG_DOWN)  # posted before the send
         if payload is None:
             self.out.header[:] = (self.rank, step, version, UP_NOTHING)
-            self.comm.Send([self.out.bytes[:HEADER_BYTES], MPI.BYTE], dest=0, tag=TAG_UP)
+            _wait(self.comm.Isend([self.out.bytes[:HEADER_BYTES], MPI.BYTE], dest=0, tag=TAG_UP))
         else:
             n = payload.numel()
             if n > self.out.payload.numel():  # a malformed, too-long message (fault injection)
@@ -163,11 +175,11 @@ class MPIWorkerTransport:
             out.payload[:n].copy_(payload)
             out.header[:] = (self.rank, step, version, UP_UPDATE)
             nbytes = HEADER_BYTES + n * payload.element_size()
-            self.comm.Send([out.bytes[:nbytes], MPI.BYTE], dest=0, tag=TAG_UP)
-        self.comm.Recv([self.inp.bytes, MPI.BYTE], source=0, tag=TAG_DOWN)
+            _wait(self.comm.Isend([out.bytes[:nbytes], MPI.BYTE], dest=0, tag=TAG_UP))
+        _wait(reply)
         return self.inp.header, self.inp.payload
 
     def wait_stop(self) -> tuple[np.ndarray, Tensor]:
         """A crashed worker sends nothing more; it only waits for the final parameters."""
-        self.comm.Recv([self.inp.bytes, MPI.BYTE], source=0, tag=TAG_DOWN)
+        _wait(self.comm.Irecv([self.inp.bytes, MPI.BYTE], source=0, tag=TAG_DOWN))
         return self.inp.header, self.inp.payload

@@ -19,10 +19,43 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_byz import AsyncPSStrategy
+from lightning_byz.faults import Straggler
+from lightning_byz.faults.base import Fault
+
+
+class MalformedMessages(L.Callback, Fault):
+    """Test-only fault: ``worker`` sends NaN every 5th step and a too-short vector every 7th."""
+
+    def __init__(self, worker: int):
+        self.worker = worker
+
+    def on_worker_message(self, worker, step, vector):
+        if worker != self.worker:
+            return vector
+        if step % 5 == 1:
+            return torch.full_like(vector, float("nan"))
+        if step % 7 == 1:
+            return vector[:-3]
+        return vector
+
+
+class KillSelf(L.Callback, Fault):
+    """Test-only fault: ``worker``'s process dies (SIGKILL) at ``step``: a node that disappears."""
+
+    def __init__(self, worker: int, step: int):
+        self.worker, self.step = worker, step
+
+    def worker_delay(self, worker, step):
+        if worker == self.worker and step == self.step:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+        return 0.0
 
 
 class MLP(L.LightningModule):
-    def __init__(self, lr: float = 0.1, momentum: float = 0.0):
+    def __init__(self, lr: float = 0.1, momentum: float = 0.0, optimizer: str = "sgd"):
         super().__init__()
         self.save_hyperparameters()
         self.net = nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 10))
@@ -38,6 +71,10 @@ class MLP(L.LightningModule):
         self.log("test_acc", (self.net(x).argmax(1) == y).float().mean())
 
     def configure_optimizers(self):
+        if self.hparams.optimizer == "mu2sgd":
+            from lightning_byz.optim import Mu2SGD
+
+            return Mu2SGD(self.parameters(), lr=self.hparams.lr)
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum)
 
 
@@ -65,14 +102,25 @@ def main(argv=None) -> None:
     p.add_argument("--ckpt-dir", default=None)
     p.add_argument("--resume", default=None)
     p.add_argument("--worker-timeout", type=float, default=60.0)
+    p.add_argument("--malformed-worker", type=int, default=None)
+    p.add_argument("--kill-worker", type=int, nargs=2, default=None, metavar=("WORKER", "STEP"))
+    p.add_argument("--straggler", type=int, default=None)
+    p.add_argument("--delay", type=float, default=0.0)
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "mu2sgd"])
     args = p.parse_args(argv)
     torch.manual_seed(0)
-    model = MLP(momentum=args.momentum)
+    model = MLP(momentum=args.momentum, optimizer=args.optimizer)
     strategy = AsyncPSStrategy(
         aggregator=args.aggregator, mode=args.mode, transport=args.transport,
         num_workers=args.num_workers, worker_timeout=args.worker_timeout, seed=0,
     )
     callbacks = []
+    if args.malformed_worker:
+        callbacks.append(MalformedMessages(args.malformed_worker))
+    if args.kill_worker:
+        callbacks.append(KillSelf(*args.kill_worker))
+    if args.straggler:
+        callbacks.append(Straggler(workers=[args.straggler], delay=args.delay))
     if args.ckpt_dir:
         callbacks.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=args.ckpt_dir, every_n_train_steps=50, save_last=True))
     trainer = L.Trainer(
@@ -86,9 +134,14 @@ def main(argv=None) -> None:
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     digest = hashlib.sha256(flat.numpy().tobytes()).hexdigest()
     rank = strategy.global_rank
+    result = {"rank": rank, "acc": acc, "params": digest, "global_zero": trainer.is_global_zero,
+              "global_step": trainer.global_step}
+    if strategy.server is not None:
+        server = strategy.server
+        result.update(counts=server.counts.tolist(), rejected=dict(server.rejected), version=server.version,
+                      rejected_by_worker={str(k): v for k, v in server.rejected_by_worker.items()})
     with open(f"{args.out}.{rank}", "w") as f:
-        json.dump({"rank": rank, "acc": acc, "params": digest, "global_zero": trainer.is_global_zero,
-                   "global_step": trainer.global_step}, f)
+        json.dump(result, f)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,256 @@
+"""Parameter-server throughput against a raw mpi4py exchange of the same bytes, in the same MPI job.
+
+For each (d, workers) configuration this script launches ``1 + workers`` MPI ranks (with
+:func:`lightning_byz.launcher.launch`, the virtualenv's ``mpirun``) and, inside that one job,
+alternates rounds of:
+
+(a) ``raw``: workers send d float32 (+ a 32-byte header), the server answers d float32 to whoever
+    arrived (persistent receives + ``Waitany``, ``Isend`` replies); no validation, no aggregation;
+(b) ``ps``: our real server path: :class:`MPIServerTransport` (poll / release / reply),
+    :class:`ParameterServer` (validation, per-worker latest vectors, async weights) with the
+    ``mean`` aggregator and the plain SGD server rule, workers on :class:`MPIWorkerTransport`
+    sending a fixed random vector (no model, no gradient);
+(c) on the server alone, workers idle: ``t_aggregate`` (mean over [n, d] with weights, as the
+    server calls it) and ``t_step`` (SGD server rule step).
+
+Rates are exchanges (updates) per second, best of ``--repeats`` rounds. ``ideal`` is
+1 / (t_exchange + t_aggregate + t_step), t_exchange = 1 / raw rate: the work the server cannot avoid.
+Target (issue 6, DESIGN.md "Benchmarks"): PS/ideal >= 0.70 at d = 1e6.
+
+    .venv/bin/python benchmarks/ps_throughput.py [--d 1e5 1e6 1.1e7] [--workers 4 8] [--seconds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MARK = "PS_THROUGHPUT_RESULT "
+
+
+# ----------------------------------------------------------------------------------- in the job
+def _idle_until_server(comm) -> None:
+    """Workers wait for the server without spinning (so they do not steal its CPU)."""
+    req = comm.Ibarrier()
+    while not req.Test():
+        time.sleep(2e-3)
+
+
+def _raw_round(comm, d: int, seconds: float) -> float:
+    """Raw exchange rate (server's view), exchanges/s."""
+    import numpy as np
+    from mpi4py import MPI
+
+    rank, n = comm.Get_rank(), comm.Get_size() - 1
+    nbytes = 32 + 4 * d
+    if rank == 0:
+        recv = [np.empty(nbytes, np.uint8) for _ in range(n)]
+        send = [np.zeros(nbytes, np.uint8) for _ in range(n)]
+        reqs = [comm.Recv_init([recv[i], MPI.BYTE], source=i + 1, tag=21) for i in range(n)]
+        sends = [MPI.REQUEST_NULL] * n
+        MPI.Prequest.Startall(reqs)
+        comm.Barrier()
+        count, stopped = 0, 0
+        start = time.perf_counter()
+        end = start + seconds
+        while stopped < n:
+            i = MPI.Request.Waitany(reqs)
+            sends[i].Wait()
+            stop = time.perf_counter() >= end
+            send[i][:8].view(np.int64)[0] = 1 if stop else 0
+            sends[i] = comm.Isend([send[i], MPI.BYTE], dest=i + 1, tag=22)
+            if stop:
+                if stopped == 0:
+                    elapsed = time.perf_counter() - start
+                stopped += 1
+            else:
+                count += 1
+                reqs[i].Start()
+        MPI.Request.Waitall(sends)
+        for r in reqs:
+            r.Free()
+        return count / elapsed
+    out = np.random.default_rng(rank).integers(0, 255, nbytes, dtype=np.uint8)
+    inp = np.empty(nbytes, np.uint8)
+    comm.Barrier()
+    while True:
+        comm.Send([out, MPI.BYTE], dest=0, tag=21)
+        comm.Recv([inp, MPI.BYTE], source=0, tag=22)
+        if inp[:8].view(np.int64)[0]:
+            return 0.0
+
+
+def _ps_round(comm, d: int, seconds: float) -> float:
+    """Update rate of the real server path (async, mean, SGD), updates/s."""
+    import torch
+
+    from lightning_byz.aggregators import get_aggregator
+    from lightning_byz.optim.split import SGDServer
+    from lightning_byz.server import Message, ParameterServer
+    from lightning_byz.transport.mpi import UP_NOTHING, MPIServerTransport, MPIWorkerTransport
+
+    rank, n = comm.Get_rank(), comm.Get_size() - 1
+    if rank == 0:
+        params = torch.zeros(d)
+        transport = MPIServerTransport(comm, d, torch.float32, pin=False)
+        server = ParameterServer(params, n, get_aggregator("mean"), SGDServer(), lr=lambda: 0.01)
+        comm.Barrier()
+        count, stopped, stop_sent = 0, set(), False
+        start = time.perf_counter()
+        end = start + seconds
+        while len(stopped) < n:
+            got = transport.poll(timeout=1.0)
+            if got is None:
+                continue
+            worker, header, payload, error = got
+            stop = time.perf_counter() >= end
+            if stop and not stop_sent:
+                elapsed, stop_sent = time.perf_counter() - start, True
+            if stop:  # as the strategy's finish(): final parameters with the stop flag
+                transport.reply(worker, params, None, server.version, stop=True)
+                stopped.add(worker)
+                continue
+            # _MPIServerRole._serve_one, async branch
+            if error is None and int(header[0]) != worker:
+                error = "unknown sender"
+            if error is not None:
+                server.reject(worker, error)
+                due = False
+            else:
+                vector = None if int(header[3]) == UP_NOTHING else payload.to(params.device, non_blocking=True)
+                due = server.receive(Message(worker, int(header[1]), int(header[2]), vector, None))
+            transport.release(worker)
+            if due:
+                server.update()
+                count += 1
+            transport.reply(worker, params, None, server.version)
+        transport.close(drain=5.0)
+        assert not server.rejected, server.rejected
+        return count / elapsed
+    transport = MPIWorkerTransport(comm, d, torch.float32, pin=False)
+    vector = torch.randn(d, generator=torch.Generator().manual_seed(rank))
+    comm.Barrier()
+    step, version = 0, 0
+    while True:
+        header, _ = transport.exchange(step, version, vector)
+        version, step = int(header[0]), step + 1
+        if int(header[1]):  # DOWN_STOP
+            return 0.0
+
+
+def _alone_round(comm, d: int, repeats: int = 20) -> tuple[float, float]:
+    """(t_aggregate, t_step) on the server, best of ``repeats``; workers idle."""
+    import torch
+
+    from lightning_byz.aggregators import get_aggregator
+    from lightning_byz.optim.split import SGDServer
+
+    if comm.Get_rank() != 0:
+        _idle_until_server(comm)
+        return 0.0, 0.0
+    n = comm.Get_size() - 1
+    X = torch.randn(n, d)
+    w = torch.rand(n)
+    w /= w.sum()
+    params = torch.zeros(d)
+    agg, rule = get_aggregator("mean"), SGDServer()
+    t_agg = t_step = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        direction = agg(X, w)
+        t1 = time.perf_counter()
+        rule.step([params], [direction], 0.01)
+        t2 = time.perf_counter()
+        t_agg, t_step = min(t_agg, t1 - t0), min(t_step, t2 - t1)
+    comm.Ibarrier().Wait()
+    return t_agg, t_step
+
+
+def inner(args: argparse.Namespace) -> None:
+    import torch
+    from mpi4py import MPI
+
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    comm = MPI.COMM_WORLD.Dup()
+    d = int(float(args.d[0]))
+    raw, ps, agg, step = [], [], [], []
+    for _ in range(args.repeats):
+        raw.append(_raw_round(comm, d, args.seconds))
+        ps.append(_ps_round(comm, d, args.seconds))
+        a, s = _alone_round(comm, d)
+        agg.append(a)
+        step.append(s)
+    if comm.Get_rank() == 0:
+        result = {"d": d, "workers": comm.Get_size() - 1, "raw": raw, "ps": ps, "t_aggregate": agg, "t_step": step}
+        print(MARK + json.dumps(result), flush=True)
+    comm.Free()
+
+
+# ----------------------------------------------------------------------------------- the driver
+def summarise(r: dict) -> dict:
+    raw, ps = max(r["raw"]), max(r["ps"])
+    t_ex, t_agg, t_step = 1.0 / raw, min(r["t_aggregate"]), min(r["t_step"])
+    ideal = 1.0 / (t_ex + t_agg + t_step)
+    return dict(r, raw_best=raw, ps_best=ps, t_exchange=t_ex, t_agg_best=t_agg, t_step_best=t_step,
+                ideal=ideal, ps_over_raw=ps / raw, ps_over_ideal=ps / ideal)
+
+
+def table(rows: list[dict]) -> str:
+    head = (f"{'d':>9} {'N':>2} {'raw/s':>8} {'PS/s':>8} {'ideal/s':>8} {'t_ex ms':>8} {'t_agg ms':>8} "
+            f"{'t_step ms':>9} {'PS/raw':>7} {'PS/ideal':>8}")
+    lines = [head, "-" * len(head)]
+    for s in rows:
+        lines.append(
+            f"{s['d']:>9.2g} {s['workers']:>2} {s['raw_best']:>8.1f} {s['ps_best']:>8.1f} {s['ideal']:>8.1f} "
+            f"{1e3 * s['t_exchange']:>8.3f} {1e3 * s['t_agg_best']:>8.3f} {1e3 * s['t_step_best']:>9.3f} "
+            f"{s['ps_over_raw']:>7.2f} {s['ps_over_ideal']:>8.2f}"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--d", nargs="+", default=["1e5", "1e6", "1.1e7"], help="vector sizes (float32 elements)")
+    p.add_argument("--workers", nargs="+", type=int, default=[4, 8])
+    p.add_argument("--seconds", type=float, default=3.0, help="length of one timed round")
+    p.add_argument("--repeats", type=int, default=3, help="rounds of (raw, PS) per job; the best counts")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per MPI job")
+    p.add_argument("--json", default=None, help="also write all results here")
+    p.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.inner:
+        inner(args)
+        return
+    from lightning_byz.launcher import launch
+
+    rows = []
+    for d in args.d:
+        for n in args.workers:
+            argv = [str(Path(__file__).resolve()), "--inner", "--d", d, "--seconds", str(args.seconds),
+                    "--repeats", str(args.repeats)]
+            try:
+                proc = launch(n, argv, timeout=args.timeout, capture_output=True)
+            except subprocess.TimeoutExpired:
+                print(f"d={d} workers={n}: timed out after {args.timeout:g}s", file=sys.stderr)
+                continue
+            found = [line for line in proc.stdout.splitlines() if line.startswith(MARK)]
+            if proc.returncode or not found:
+                print(f"d={d} workers={n}: job failed (rc {proc.returncode})\n{proc.stdout}\n{proc.stderr}",
+                      file=sys.stderr)
+                continue
+            rows.append(summarise(json.loads(found[-1][len(MARK):])))
+            print(table(rows[-1:]).splitlines()[-1], flush=True)
+    print(f"\n{os.cpu_count()} cores; 1 server + N workers; best of {args.repeats} rounds of {args.seconds:g}s; "
+          "ideal = 1/(t_ex + t_agg + t_step)")
+    print(table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

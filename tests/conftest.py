@@ -1,0 +1,50 @@
+"""Shared test helpers: run the user-style script under mpirun or in one process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lightning_byz.launcher import launch
+
+SCRIPTS = Path(__file__).parent / "scripts"
+USER_SCRIPT = str(SCRIPTS / "user_mlp.py")
+
+
+def read_results(out: Path, ranks: int) -> list[dict]:
+    return [json.loads(Path(f"{out}.{r}").read_text()) for r in range(ranks)]
+
+
+@pytest.fixture
+def run_mpi(tmp_path):
+    """``run_mpi(workers, *args, timeout=...)`` -> (CompletedProcess, results of every rank)."""
+
+    def run(workers: int, *args: str, timeout: float = 240, expect_ok: bool = True):
+        out = tmp_path / "result"
+        proc = launch(workers, [USER_SCRIPT, "--out", str(out), *args], timeout=timeout, capture_output=True)
+        if expect_ok:
+            assert proc.returncode == 0, proc.stderr[-4000:]
+            return proc, read_results(out, workers + 1)
+        return proc, None
+
+    return run
+
+
+@pytest.fixture
+def run_simulated(tmp_path):
+    """``run_simulated(*args)`` -> the single process's result (a fresh interpreter per run)."""
+
+    def run(*args: str, out_name: str = "sim", timeout: float = 300):
+        out = tmp_path / out_name
+        proc = subprocess.run(
+            [sys.executable, USER_SCRIPT, "--out", str(out), "--transport", "simulated", *args],
+            capture_output=True, text=True, timeout=timeout,
+        )
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return read_results(out, 1)[0]
+
+    return run

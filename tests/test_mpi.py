@@ -1,0 +1,71 @@
+"""AsyncPSStrategy under real ``mpirun``: 1 server + 3 workers, a user's unchanged script."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from lightning_byz.launcher import mpi_env, mpirun_path
+
+pytestmark = [pytest.mark.mpi, pytest.mark.slow, pytest.mark.timeout(300)]
+
+
+def test_async_mpi_trains_and_every_rank_holds_the_server_parameters(run_mpi):
+    _, results = run_mpi(3, "--steps", "400")
+    assert [r["global_zero"] for r in results] == [True, False, False, False]
+    assert results[0]["global_step"] == 400  # max_steps counts server updates
+    assert len({r["params"] for r in results}) == 1  # as after DDP: one model everywhere
+    assert all(r["acc"] >= 0.85 for r in results), [r["acc"] for r in results]
+    assert sum(results[0]["counts"]) == 400 and min(results[0]["counts"]) > 0
+
+
+def test_sync_mpi_rounds_use_every_worker(run_mpi):
+    _, results = run_mpi(3, "--steps", "150", "--mode", "sync", "--aggregator", "mean")
+    server = results[0]
+    assert server["counts"] == [150, 150, 150]  # each round waits for all three workers
+    assert server["acc"] >= 0.8
+    assert len({r["params"] for r in results}) == 1
+
+
+def test_a_straggler_does_not_slow_the_others(run_mpi):
+    _, results = run_mpi(3, "--steps", "200", "--straggler", "3", "--delay", "0.05")
+    counts = results[0]["counts"]
+    assert counts[2] * 4 < min(counts[0], counts[1]), counts
+
+
+def test_malformed_messages_are_rejected_and_training_goes_on(run_mpi):
+    _, results = run_mpi(3, "--steps", "300", "--malformed-worker", "2")
+    server = results[0]
+    assert server["rejected"].get("non-finite values (NaN/Inf) in the update", 0) > 0
+    assert server["rejected"].get("wrong size", 0) > 0
+    assert set(server["rejected_by_worker"]) == {"2"}
+    assert server["acc"] >= 0.85 and server["global_step"] == 300
+
+
+def test_a_killed_worker_ends_the_job_nonzero_and_fast(run_mpi):
+    start = time.monotonic()
+    proc, _ = run_mpi(3, "--steps", "100000", "--kill-worker", "2", "20", expect_ok=False, timeout=120)
+    assert proc.returncode != 0
+    assert time.monotonic() - start < 90
+
+
+def test_checkpoint_and_resume_continue_training(run_mpi, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    _, first = run_mpi(3, "--steps", "200", "--ckpt-dir", str(ckpt))
+    assert (ckpt / "last.ckpt").exists()
+    _, resumed = run_mpi(3, "--steps", "300", "--resume", str(ckpt / "last.ckpt"))
+    assert resumed[0]["global_step"] == 300
+    assert sum(resumed[0]["counts"]) == 300  # counts came back from the checkpoint
+    assert resumed[0]["version"] == 300
+    assert resumed[0]["acc"] >= 0.85
+
+
+def test_mpi_transport_with_one_rank_is_a_clear_error(tmp_path):
+    code = "from lightning_byz import AsyncPSStrategy; AsyncPSStrategy(transport='mpi')"
+    cmd = [mpirun_path(), "-n", "1", sys.executable, "-m", "mpi4py", "-c", code]
+    proc = subprocess.run(cmd, env=mpi_env(1), capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "needs at least 2 MPI ranks" in proc.stderr
