@@ -240,7 +240,7 @@ def main() -> None:
                 continue
             found = [line for line in proc.stdout.splitlines() if line.startswith(MARK)]
             if proc.returncode or not found:
-                print(f"d={d} workers={n}: job failed (rc {proc.returncode})\n{proc.stdout}\n{proc.stderr}",
+                print(f"d={d} workers={n}: job failed (rc {proc.returncode})\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}",
                       file=sys.stderr)
                 continue
             rows.append(summarise(json.loads(found[-1][len(MARK):])))

@@ -91,10 +91,12 @@ class AsyncPSStrategy(SingleDeviceStrategy):
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
         if not worker_timeout > 0:
             raise ValueError(f"worker_timeout must be > 0 seconds, got {worker_timeout}")
-        both = sorted(set(aggregator_kwargs or {}) & set(kwargs))
+        options = dict(aggregator_kwargs or {})
+        both = sorted(set(options) & set(kwargs))
         if both:
             raise ValueError(f"aggregator arguments {both} given both in aggregator_kwargs and as keywords")
-        self.aggregator = get_aggregator(aggregator, **(aggregator_kwargs or {}), **kwargs)
+        options.update(kwargs)
+        self.aggregator = get_aggregator(aggregator, **options)
         self.mode = mode
         self.arrival = arrival
         self.sync_quorum = sync_quorum

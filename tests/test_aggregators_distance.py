@@ -7,7 +7,7 @@ import torch
 from scipy.optimize import minimize
 
 from lightning_byz.aggregators import get_aggregator
-from lightning_byz.aggregators.base import centered_gram
+from lightning_byz.aggregators.base import gram
 
 F64 = torch.float64
 
@@ -142,6 +142,39 @@ def test_nnm_mixes_each_row_with_its_n_minus_f_nearest(n, f):
         torch.testing.assert_close(get_aggregator(rule, pre="nnm", lam=f / n)(X), expected)
 
 
+def nnm_mixed(X, f):
+    """Each row replaced by the mean of its n − f nearest rows (itself included), literally."""
+    order = torch.argsort(torch.cdist(X, X), dim=1, stable=True)[:, : len(X) - f]
+    return X[order].mean(1)
+
+
+def test_pre_lam_is_nnm_budget_apart_from_the_rule_lam():
+    """NNM mixes with pre_lam; the rule keeps its own lam (a budget, or flag's regulariser weight)."""
+    X = data(10, 4, 17)
+    krum = get_aggregator("krum", pre="nnm", lam=0.2, pre_lam=0.3)
+    torch.testing.assert_close(krum(X), get_aggregator("krum", lam=0.2)(nnm_mixed(X, 3)))
+    # Default: a rule whose lam is a Byzantine budget shares it with NNM (krum's default 0.1 here).
+    torch.testing.assert_close(get_aggregator("krum", pre="nnm")(X),
+                               get_aggregator("krum")(nnm_mixed(X, 1)))
+    flag = get_aggregator("flag", pre="nnm", lam=5.0, pre_lam=0.2)
+    assert flag.rule.lam == 5.0 and flag.lam == 0.2
+    torch.testing.assert_close(flag(X), get_aggregator("flag", lam=5.0)(nnm_mixed(X, 2)))
+
+
+@pytest.mark.parametrize(
+    "name,kw,message",
+    [
+        ("flag", {"pre": "nnm", "lam": 5.0}, r"flag: its lam is not a Byzantine budget; .*pre_lam="),
+        ("cwmed", {"pre": "nnm"}, r"pre='nnm' needs a Byzantine budget: pass pre_lam="),
+        ("krum", {"pre_lam": 0.2}, r"pre_lam .* needs pre='nnm'"),
+        ("krum", {"pre": "nnm", "pre_lam": 0.0}, r"nnm: lam must be > 0"),
+    ],
+)
+def test_pre_lam_errors(name, kw, message):
+    with pytest.raises(ValueError, match=message):
+        get_aggregator(name, **kw)
+
+
 def test_cclip_one_big_radius_step_from_mean_is_mean_and_clipping_moves_at_most_tau():
     X, w = data(9, 4, 9), torch.rand(9, generator=torch.Generator().manual_seed(1), dtype=F64)
     mean = (w / w.sum()) @ X
@@ -181,10 +214,16 @@ def test_float32_agrees_with_float64(name, kw):
     torch.testing.assert_close(out32.double(), get_aggregator(name, **kw)(X), rtol=1e-4, atol=1e-4)
 
 
-def test_centered_gram_blocks_match_direct_product():
-    X = data(5, 300_000, 14) + 1e3  # several column blocks, large common offset
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gram_blocks_match_direct_product(dtype):
+    """Several column blocks, a large common offset: centred and plain Gram matrices in float64."""
+    X = (data(5, 300_000, 14) + 1e3).to(dtype).double()  # exactly representable in dtype
     Xc = X - X.mean(0)
-    torch.testing.assert_close(centered_gram(X), Xc @ Xc.T)
+    centred, plain = gram(X.to(dtype), center=True), gram(X.to(dtype), center=False)
+    assert centred.dtype == plain.dtype == torch.float64
+    torch.testing.assert_close(plain, X @ X.T, rtol=1e-12, atol=0.0)  # float64 products either way
+    tol = 1e-12 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(centred, Xc @ Xc.T, rtol=tol, atol=tol * float(Xc.square().sum(1).max()))
 
 
 @pytest.mark.parametrize(

@@ -104,6 +104,7 @@ class Aggregator:
     """Base class: ``__call__`` validates, then delegates to ``_aggregate(X, w)`` (``w`` sums to 1)."""
 
     name: str = "aggregator"
+    lam_is_budget: bool = True  # a ``lam`` argument is the Byzantine weight budget (not so for flag)
 
     def __call__(self, vectors: Tensor, weights: Tensor | None = None) -> Tensor:
         X, w = check_inputs(vectors, weights)
@@ -117,23 +118,31 @@ class Aggregator:
         return f"{type(self).__name__}({args})"
 
 
-def centered_gram(X: Tensor) -> Tensor:
-    """The n×n Gram matrix of the rows of ``X`` after subtracting their mean, as float64.
+def gram(X: Tensor, center: bool) -> Tensor:
+    """The n×n Gram matrix of the rows of ``X`` as float64, after subtracting their mean if ``center``.
 
-    Centering first keeps small pairwise distances exact in float32 (no cancellation between
-    large ||x_i||²); distances follow as ``G_ii + G_jj − 2 G_ij``. The centred rows are formed in
-    column blocks of at most 2 MB (cache-resident) whose Gram matrices are summed in float64: cost
-    one pass for the mean plus one for the products, no n×d temporary.
+    One pass (two with the mean), no n×d temporary: column blocks (about 2 MB on CPU, cache-resident;
+    32 MiB elsewhere) are formed in one reused buffer and their products summed in float64. Centred
+    rows keep small pairwise distances exact in X's dtype (no cancellation between large ||x_i||²;
+    distances follow as ``G_ii + G_jj − 2 G_ij``), so their blocks stay in it; uncentred blocks are
+    converted to float64 first, which keeps inner products and cosines exact to float64 rounding.
     """
     n, d = X.shape
-    mean = X.mean(dim=0)
-    block = max(1, 2**19 // (1024 * n)) * 1024  # a multiple of 1024: unaligned blocks run 30x slower
+    if X.device.type == "cpu":
+        block = max(1, 2**19 // (1024 * n)) * 1024  # a multiple of 1024: unaligned blocks run 30x slower
+    else:
+        block = max(1, 2**22 // n)
+    mean = X.mean(dim=0) if center else None
     G = torch.zeros(n, n, dtype=torch.float64, device=X.device)
-    buffer = torch.empty(n, min(block, d), dtype=X.dtype, device=X.device)  # reused: no page faults
+    buffer = torch.empty(n, min(block, d), dtype=X.dtype if center else torch.float64,
+                         device=X.device)  # reused: no page faults
     for start in range(0, d, block):
-        Xc = buffer[:, : min(block, d - start)]
-        torch.sub(X[:, start : start + block], mean[start : start + block], out=Xc)
-        G += Xc @ Xc.T
+        B = buffer[:, : min(block, d - start)]
+        if center:
+            torch.sub(X[:, start : start + block], mean[start : start + block], out=B)
+        else:
+            B.copy_(X[:, start : start + block])
+        G += B @ B.T
     return G
 
 

@@ -3,7 +3,7 @@ clipping, nearest-neighbour mixing (NNM) and the CTMA meta-aggregator.
 
 Every rule here only needs inner products between the n inputs and (except Bulyan's coordinate-wise
 second phase) outputs a combination ``Σ c_i x_i`` of them. So one pass builds the n×n Gram matrix
-(:func:`centered_gram`), the rule runs in n-space on the host in float64 (a few n×n operations per
+(:func:`~lightning_byz.aggregators.base.gram`, centred), the rule runs in n-space on the host in float64 (a few n×n operations per
 iteration, no device syncs inside loops, one n×n transfer when X lives on a GPU) and one more pass forms
 the output (:func:`combine`). Cost: about three reads of X, independent of the number of iterations.
 
@@ -25,9 +25,9 @@ from torch import Tensor
 
 from lightning_byz.aggregators.base import (
     Aggregator,
-    centered_gram,
     check_lam,
     combine,
+    gram,
     pairwise_sq_dists,
     register,
     registered,
@@ -93,7 +93,7 @@ class GramRule(Aggregator):
         raise NotImplementedError
 
     def _aggregate(self, X: Tensor, w: Tensor) -> Tensor:
-        return combine(self.coefficients(*_host(centered_gram(X), w)).to(X.device), X)
+        return combine(self.coefficients(*_host(gram(X, center=True), w)).to(X.device), X)
 
 
 @register("gm", "rfa")
@@ -238,7 +238,7 @@ class Bulyan(Aggregator):
         return chosen
 
     def _aggregate(self, X: Tensor, w: Tensor) -> Tensor:
-        chosen = self.selection(*_host(centered_gram(X), w))
+        chosen = self.selection(*_host(gram(X, center=True), w))
         rows = torch.nonzero(chosen > 0).flatten()
         ws = (chosen[rows] / chosen.sum()).to(X.device, X.dtype)
         # Phase 2 keeps β/θ = (1 − 4 lam)/(1 − 2 lam) of the selection (it may drop more than half).
@@ -325,7 +325,7 @@ class PreAggregated(Aggregator):
         self.rule, self.lam = rule, _check_nnm_lam(lam)
 
     def _aggregate(self, X: Tensor, w: Tensor) -> Tensor:
-        G, wh = _host(centered_gram(X), w)
+        G, wh = _host(gram(X, center=True), w)
         M = nnm_matrix(G, wh, self.lam)
         if isinstance(self.rule, GramRule):  # Gram of the mixed rows: M G Mᵀ, no second pass over X
             return combine((self.rule.coefficients(M @ G @ M.T, wh) @ M).to(X.device), X)
@@ -368,7 +368,7 @@ class CTMA(Aggregator):
 
     def _aggregate(self, X: Tensor, w: Tensor) -> Tensor:
         if isinstance(self.base, GramRule):
-            G, wh = _host(centered_gram(X), w)
+            G, wh = _host(gram(X, center=True), w)
             dist2 = _sq_dists_to(self.base.coefficients(G, wh), G)
         else:
             x0 = self.base._aggregate(X, w)

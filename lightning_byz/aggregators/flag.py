@@ -60,27 +60,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_byz.aggregators.base import Aggregator, check_inputs, combine, register
+from lightning_byz.aggregators.base import Aggregator, check_inputs, combine, gram, register
 
 NORMALIZE_MODES = ("median", "unit", "none")
-_GRAM_CHUNK_ELEMENTS = 1 << 22  # float64 elements per chunk of the Gram pass (at most 32 MiB)
-
-
-def gram64(X: Tensor) -> Tensor:
-    """``X Xᵀ`` accumulated in float64; float32 input is converted in column chunks of at most a
-    quarter of the columns, so the temporary stays under half the input's size."""
-    if X.dtype == torch.float64:
-        return X @ X.T
-    n, d = X.shape
-    K = torch.zeros(n, n, dtype=torch.float64, device=X.device)
-    buffer = torch.empty(n, max(1, min(_GRAM_CHUNK_ELEMENTS // n, -(-d // 4))), dtype=torch.float64,
-                         device=X.device)  # one reused buffer: no allocation per chunk
-    for chunk in X.split(buffer.shape[1], dim=1):
-        c = buffer[:, : chunk.shape[1]].copy_(chunk)
-        K.addmm_(c, c.T)
-    return K
-
-
 def weighted_lower_median(values: Tensor, w: Tensor) -> Tensor:
     """Smallest value whose cumulative weight (values sorted ascending) reaches half the total."""
     order = torch.argsort(values)
@@ -116,7 +98,10 @@ class FlagAggregator(Aggregator):
         normalize: "median" (default), "unit" or "none": how the output is scaled.
         eps: IRLS smoothing ε in (|1 − v| + ε)^(−1/2); keeps the reweighting finite.
     Weights w_i multiply worker i's term in the objective and its vector in the output mean.
+    With ``pre="nnm"``, NNM's Byzantine budget must be given as ``pre_lam``.
     """
+
+    lam_is_budget = False
 
     def __init__(self, m: int | None = None, lam: float = 0.0, iters: int = 5, tol: float = 1e-10,
                  normalize: str = "median", eps: float = 1e-8):
@@ -171,7 +156,7 @@ class FlagAggregator(Aggregator):
     def _solve(self, X: Tensor, w: Tensor) -> FlagSolution:
         n = X.shape[0]
         m = self._subspace_dim(n)
-        K = gram64(X)
+        K = gram(X, center=False)
         norms = torch.diagonal(K).clamp_min(0.0).sqrt()
         inv = torch.where(norms > 0, 1.0 / norms.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
         Kh = inv[:, None] * K * inv[None, :]

@@ -130,14 +130,25 @@ class ShardStream:
 class Ticks:
     """What Lightning's loop iterates when the strategy supplies the data itself: step numbers.
 
-    Its length is that of the user's train dataloader, so an "epoch" keeps its usual size.
+    Its length is that of the user's train dataloader, so an "epoch" keeps its usual size; it is
+    resumable (Lightning saves its position), so a mid-epoch checkpoint resumes mid-epoch.
     """
 
     def __init__(self, length: int):
         self.length = length
+        self.position = 0
+        self._resume_at = 0
 
     def __len__(self) -> int:
         return self.length
 
     def __iter__(self) -> Iterator[int]:
-        return iter(range(self.length))
+        start, self._resume_at = self._resume_at, 0
+        for self.position in range(start, self.length):
+            yield self.position
+
+    def state_dict(self) -> dict:
+        return {"position": self.position + 1}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume_at = state["position"] % max(self.length, 1)

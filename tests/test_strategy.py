@@ -1,0 +1,124 @@
+"""AsyncPSStrategy in one process (simulated workers) and its configuration errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_byz import AsyncPSStrategy
+from lightning_byz.faults import Crash
+from lightning_byz.transport.simulated import ArrivalClock, arrival_probabilities
+
+from conftest import SCRIPTS
+
+sys.path.insert(0, str(SCRIPTS))
+import user_mlp  # noqa: E402  (the user-style script doubles as the test model)
+
+
+def run(tmp_path, name: str, *args: str) -> dict:
+    out = tmp_path / name
+    user_mlp.main(["--out", str(out), "--transport", "simulated", "--num-workers", "3", *args])
+    return json.loads((tmp_path / f"{name}.0").read_text())
+
+
+@pytest.mark.slow
+def test_simulated_training_learns_and_is_deterministic(tmp_path):
+    a = run(tmp_path, "a", "--steps", "400")
+    b = run(tmp_path, "b", "--steps", "400")
+    assert a["acc"] >= 0.85
+    assert a["params"] == b["params"] and a["counts"] == b["counts"]
+    assert a["global_step"] == a["version"] == 400
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer", ["sgd", "mu2sgd"])
+def test_resume_from_checkpoint_is_bit_identical(tmp_path, optimizer):
+    straight = run(tmp_path, "straight", "--steps", "100", "--optimizer", optimizer)
+    ckpt = tmp_path / "ckpt"
+    run(tmp_path, "first", "--steps", "50", "--optimizer", optimizer, "--ckpt-dir", str(ckpt))
+    resumed = run(tmp_path, "resumed", "--steps", "100", "--optimizer", optimizer, "--resume", str(ckpt / "last.ckpt"))
+    assert resumed["params"] == straight["params"]
+    assert resumed["counts"] == straight["counts"]
+
+
+@pytest.mark.slow
+def test_sync_mode_rounds_take_every_worker(tmp_path):
+    result = run(tmp_path, "sync", "--steps", "40", "--mode", "sync", "--aggregator", "mean")
+    assert result["counts"] == [40, 40, 40]
+
+
+def test_arrival_distribution_drives_who_arrives():
+    q = arrival_probabilities("id2", 4)
+    assert torch.allclose(q, torch.tensor([1.0, 4, 9, 16], dtype=torch.float64) / 30)
+    clock = ArrivalClock(q, step_time=0.05, seed=0)
+    clock.start(lambda w, s: 0.0)
+    seen = torch.zeros(4)
+    for step in range(6000):
+        w = clock.next()
+        seen[w - 1] += 1
+        clock.schedule(w, step, lambda w, s: 0.0)
+    assert torch.allclose(seen / seen.sum(), q.float(), atol=0.02)
+
+
+class _Model(L.LightningModule):
+    def __init__(self, optimizer=torch.optim.SGD):
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 1)
+        self.optimizer = optimizer
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.layer(x), y)
+
+    def configure_optimizers(self):
+        return self.optimizer(self.parameters(), lr=0.1)
+
+
+def _loader():
+    x = torch.randn(64, 4)
+    data = torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True))
+    return torch.utils.data.DataLoader(data, batch_size=8)
+
+
+def _trainer(strategy, **kw):
+    return L.Trainer(strategy=strategy, accelerator="cpu", logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, **kw)
+
+
+def test_registered_by_name_and_crashed_worker_is_left_out():
+    trainer = _trainer("async_ps", max_steps=60, callbacks=[Crash(workers=[2], at_step=3)])
+    assert isinstance(trainer.strategy, AsyncPSStrategy)
+    trainer.strategy.worker_timeout = 0.5  # virtual seconds: ~10 of the others' steps
+    trainer.fit(_Model(), _loader())
+    server = trainer.strategy.server
+    assert server.counts[1] == 3 and int(server.counts.sum()) == 60
+    assert 2 in server.silent  # reported and left out of the aggregate
+
+
+def test_unsupported_optimizer_is_a_clear_error():
+    trainer = _trainer(AsyncPSStrategy(transport="simulated", num_workers=2), max_steps=2)
+    with pytest.raises(ValueError, match="supported: torch.optim.SGD"):
+        trainer.fit(_Model(torch.optim.Adam), _loader())
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"transport": "simulated"}, "needs num_workers"),
+        ({"transport": "carrier-pigeon"}, "transport must be one of"),
+        ({"mode": "semi"}, "mode must be 'async' or 'sync'"),
+        ({"num_workers": 3, "arrival": [0.5, 0.5]}, "need 3 values"),
+        ({"num_workers": 3, "arrival": "zipf"}, "arrival must be"),
+        ({"num_workers": 0, "transport": "simulated"}, "num_workers must be >= 1"),
+        ({"worker_timeout": 0}, "worker_timeout must be > 0"),
+        ({"aggregator": "median-of-means"}, "unknown aggregator"),
+        ({"aggregator": "cwtm", "lam": 0.7}, "lam must lie in"),
+    ],
+)
+def test_bad_configuration_is_rejected_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        AsyncPSStrategy(**kwargs)
