@@ -24,10 +24,11 @@ EXTRA = ("report", "launch")
 USAGE = "lightning-byz {fit,validate,test,predict,report,launch} ... (-h for help)"
 
 
-def run_cli(args: Sequence[str], run: bool = True) -> LightningCLI:
-    """Build (and by default run) the LightningCLI over ``args``; seeds 0 unless configured."""
+def run_cli(args: Sequence[str] | None = None, run: bool = True) -> LightningCLI:
+    """Build (and by default run) the LightningCLI over ``args`` (default: ``sys.argv``); seeds 0 unless
+    configured."""
     return LightningCLI(
-        args=list(args),
+        args=None if args is None else list(args),
         run=run,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
@@ -49,14 +50,14 @@ def launch(args: Sequence[str]) -> int:
 
 
 def main(args: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if args is None else args)
-    if args[:1] == ["report"]:
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv[:1] == ["report"]:
         from lightning_byz import report
 
-        return report.main(args[1:])
-    if args[:1] == ["launch"]:
-        return launch(args[1:])
-    if not args:
+        return report.main(argv[1:])
+    if argv[:1] == ["launch"]:
+        return launch(argv[1:])
+    if not argv:
         print(USAGE, file=sys.stderr)
         return 2
     cli = run_cli(args)

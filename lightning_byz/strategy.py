@@ -173,9 +173,9 @@ class AsyncPSStrategy(SingleDeviceStrategy):
         split = split_optimizer(self.optimizers[0])
         flat = FlatModel(self.lightning_module)
         if self.transport == "simulated":
-            self._role = _SimulatedRole(self, trainer, split, flat)
+            self._role = _SimulatedRole(self, split, flat)
         elif self.is_server:
-            self._role = _MPIServerRole(self, trainer, split, flat)
+            self._role = _MPIServerRole(self, split, flat)
         else:
             self._role = _MPIWorkerRole(self, trainer, split, flat)
             _make_worker_loop(trainer)
@@ -348,9 +348,8 @@ class _ServerLogging:
 class _SimulatedRole(_Role):
     """One process: the server plus N virtual workers, each with its shard, query point and rule."""
 
-    def __init__(self, strategy: AsyncPSStrategy, trainer: pl.Trainer, split, flat: FlatModel):
+    def __init__(self, strategy: AsyncPSStrategy, split, flat: FlatModel):
         self.strategy = strategy
-        self.trainer = trainer
         self.flat = flat
         n = strategy.num_workers
         self.x = flat.params.detach().clone()
@@ -463,7 +462,7 @@ class _SimulatedRole(_Role):
 class _MPIServerRole(_Role):
     """Rank 0: receive from whoever is ready, validate, aggregate, update, answer that worker."""
 
-    def __init__(self, strategy: AsyncPSStrategy, trainer: pl.Trainer, split, flat: FlatModel):
+    def __init__(self, strategy: AsyncPSStrategy, split, flat: FlatModel):
         from lightning_byz.transport import mpi
 
         self.strategy = strategy
@@ -474,7 +473,7 @@ class _MPIServerRole(_Role):
         self.transport = mpi.MPIServerTransport(self.comm, self.d + self.b, flat.dtype, pin)
         self.server = strategy.make_server(flat.params, split, strategy.optimizers[0], self.b, time.monotonic)
         self.logging = _ServerLogging(strategy, self.server)
-        self.pending: list[int] = []  # sync mode: workers waiting for the end of the round
+        self.pending: list[int] = []  # workers owed a reply (sync: until the round ends)
         self.stopped = False
 
     def train_dataloader(self, dataloader: object) -> object:

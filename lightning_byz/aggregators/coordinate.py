@@ -24,7 +24,10 @@ from torch import Tensor
 
 from lightning_byz.aggregators.base import Aggregator, check_lam, combine, register
 
-BLOCK_COLUMNS = 1 << 16  # columns per CPU block: n rows of a block stay near the L2 cache
+# Columns per CPU block: the n rows of a block stay near the L2 cache, and each elementwise op is
+# large enough for torch to split over its threads. (Tried: 32768 columns with the blocks shared
+# among Python threads, one per core: slower, the threads contend for the GIL between ops.)
+BLOCK_COLUMNS = 1 << 16
 NETWORK_MAX_N = 128  # min/max network up to this many rows: ~6x faster than torch.sort at n = 60, 128
 
 
@@ -74,10 +77,24 @@ def _pruned(network: tuple[tuple[int, int], ...], outputs: tuple[int, ...]) -> t
     return tuple(reversed(kept))
 
 
-def _run_network(network, keys: Tensor, *payloads: Tensor) -> list[list[Tensor]]:
+@functools.lru_cache(maxsize=None)
+def _liveness(network: tuple[tuple[int, int], ...], read: tuple[int, ...]) -> tuple[tuple[bool, bool], ...]:
+    """Per comparator, whether its min and its max are read afterwards: by a later comparator, or
+    at the end (the rows in ``read``). An output nobody reads is not formed."""
+    live, flags = set(read), []
+    for i, j in reversed(network):
+        flags.append((i in live, j in live))
+        if i in live or j in live:
+            live |= {i, j}
+    return tuple(reversed(flags))
+
+
+def _run_network(network, keys: Tensor, *payloads: Tensor, read: tuple[int, ...] | None = None
+                 ) -> list[list[Tensor]]:
     """Apply a min/max comparator network along dim 0 of ``keys`` [n, c], moving ``payloads`` along.
 
-    Returns, per tensor (keys first), its n rows after the network. The
+    Returns, per tensor (keys first), its n rows after the network; with ``read`` (keys alone) only
+    those rows are meant to be read, and comparator outputs that they do not depend on are skipped. The
     inputs are never written: a comparator writes its min into a free scratch row and its max over
     the upper wire's scratch row (a fresh one on its first touch), so no copy pass and no allocation
     inside the loop. Payloads follow by ``lerp`` with a 0/1 swap flag, exact at 0 and 1 and several
@@ -93,21 +110,27 @@ def _run_network(network, keys: Tensor, *payloads: Tensor) -> list[list[Tensor]]
     def row(t: int, wire: int) -> Tensor:
         return sources[t][wire] if slot[wire] is None else scratch[t, slot[wire]]
 
-    for i, j in network:
-        lo = free.pop()
-        hi = free.pop() if slot[j] is None else slot[j]
+    wanted = [(True, True)] * len(network) if read is None else _liveness(network, read)
+    for (i, j), (want_min, want_max) in zip(network, wanted):
         a, b = row(0, i), row(0, j)
+        if want_min:  # a dead output's wire keeps a stale value: nothing reads it
+            lo = free.pop()
+            torch.minimum(a, b, out=scratch[0, lo])
+        if want_max:
+            hi = free.pop() if slot[j] is None else slot[j]
         if payloads:
             torch.gt(a, b, out=swap)
         for t in range(1, len(sources)):
             pa, pb = row(t, i), row(t, j)
             torch.lerp(pa, pb, swap, out=scratch[t, lo])
             torch.lerp(pb, pa, swap, out=scratch[t, hi])
-        torch.minimum(a, b, out=scratch[0, lo])
-        torch.maximum(a, b, out=scratch[0, hi])
-        if slot[i] is not None:
-            free.append(slot[i])
-        slot[i], slot[j] = lo, hi
+        if want_max:
+            torch.maximum(a, b, out=scratch[0, hi])
+            slot[j] = hi
+        if want_min:
+            if slot[i] is not None:
+                free.append(slot[i])
+            slot[i] = lo
     return [[row(t, k) for k in range(n)] for t in range(len(sources))]
 
 
@@ -121,12 +144,13 @@ def _blocks(X: Tensor):
     return [slice(s, s + step) for s in range(0, X.shape[1], step)]
 
 
-def _order_statistics(block: Tensor, exact: tuple[int, ...]) -> list[Tensor]:
+def _order_statistics(block: Tensor, exact: tuple[int, ...], read: tuple[int, ...] | None = None
+                      ) -> list[Tensor]:
     """The n rows of ``block`` sorted per column, as far as needed: rows at ``exact`` hold those order
     statistics; the others hold the remaining values in some order (so a run of rows between exact
-    ones holds the right set, enough for a sum)."""
+    ones holds the right set, enough for a sum). Only the rows in ``read`` (default: all) are valid."""
     if _uses_network(block):
-        return _run_network(_pruned(sorting_network(block.shape[0]), exact), block)[0]
+        return _run_network(_pruned(sorting_network(block.shape[0]), exact), block, read=read)[0]
     return list(torch.sort(block, dim=0).values)
 
 
@@ -139,7 +163,10 @@ def _exact_rows(n: int, coeffs: tuple[float, ...]) -> tuple[int, ...]:
     options = [used]
     if used == tuple(range(used[0], used[-1] + 1)) and len({coeffs[k] for k in used}) == 1:
         options.append(tuple(k for k in range(n) if not used[0] <= k <= used[-1]))
-    return min(options, key=lambda rows: len(_pruned(sorting_network(n), rows)))
+    def operations(rows: tuple[int, ...]) -> int:
+        return sum(map(sum, _liveness(_pruned(sorting_network(n), rows), used)))
+
+    return min(options, key=operations)
 
 
 def _cumulative(W: Tensor, cuts: tuple[float, ...]) -> tuple[Tensor, Tensor]:
@@ -221,7 +248,7 @@ def _uniform_order_combination(X: Tensor, coeffs: tuple[float, ...]) -> Tensor:
     exact = _exact_rows(X.shape[0], coeffs)
 
     def fn(block: Tensor) -> Tensor:
-        rows = _order_statistics(block, exact)
+        rows = _order_statistics(block, exact, used)
         out = rows[used[0]] * coeffs[used[0]]
         for k in used[1:]:
             out.add_(rows[k], alpha=coeffs[k])

@@ -107,6 +107,7 @@ def main(argv=None) -> None:
     p.add_argument("--straggler", type=int, default=None)
     p.add_argument("--delay", type=float, default=0.0)
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "mu2sgd"])
+    p.add_argument("--accelerator", default="cpu")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     model = MLP(momentum=args.momentum, optimizer=args.optimizer)
@@ -124,7 +125,7 @@ def main(argv=None) -> None:
     if args.ckpt_dir:
         callbacks.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=args.ckpt_dir, every_n_train_steps=50, save_last=True))
     trainer = L.Trainer(
-        strategy=strategy, accelerator="cpu", max_steps=args.steps, logger=False,
+        strategy=strategy, accelerator=args.accelerator, max_steps=args.steps, logger=False,
         enable_checkpointing=bool(args.ckpt_dir), enable_progress_bar=False, enable_model_summary=False,
         callbacks=callbacks,
     )
