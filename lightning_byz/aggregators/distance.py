@@ -2,10 +2,11 @@
 clipping, nearest-neighbour mixing (NNM) and the CTMA meta-aggregator.
 
 Every rule here only needs inner products between the n inputs and (except Bulyan's coordinate-wise
-second phase) outputs a combination ``Σ c_i x_i`` of them. So one pass builds the n×n Gram matrix
-(:func:`~lightning_byz.aggregators.base.gram`, centred), the rule runs in n-space on the host in float64 (a few n×n operations per
-iteration, no device syncs inside loops, one n×n transfer when X lives on a GPU) and one more pass forms
-the output (:func:`combine`). Cost: about three reads of X, independent of the number of iterations.
+second phase) outputs a combination ``Σ c_i x_i`` of them. So one pass builds the centred n×n Gram
+matrix (:func:`~lightning_byz.aggregators.base.gram`), the rule runs in n-space on the host in float64
+(a few n×n operations per iteration, no device syncs inside loops, one n×n transfer when X lives on a
+GPU) and one more pass forms the output (:func:`combine`). Cost: about three reads of X, independent
+of the number of iterations.
 
 Weights. All rules are weighted; ``w`` is normalised to sum 1 and ``lam`` is the weight fraction that
 may be Byzantine (0 <= lam < 1/2). Count-based rules (Krum, Multi-Krum, Bulyan) read the weights as
@@ -208,10 +209,12 @@ class Bulyan(Aggregator):
     phase 2 returns, per coordinate, the mean of the β = θ − 2f selected values closest to their
     median. Weights are multiplicities (module doc): each Krum round takes one unit ``u`` of the winning
     row, so the selection is exact on integer weights (cost: about n_eff rounds of O(n² log n) host
-    work); phase 2 keeps the weight mass ``1 − 4·lam`` closest to the weighted median, the boundary
-    value fractionally, the lower value first at equal distance (:func:`closest_to_center_mean`). A Krum round whose neighbourhood would be empty (only possible in the last
-    rounds) uses one unit of neighbours; equal scores (mutual nearest neighbours) go to the row with the
-    smaller weighted sum of squared distances to the remaining rows, so the result is order-free.
+    work); phase 2 keeps the share ``(1 − 4·lam)/(1 − 2·lam)`` of the selected mass closest to its
+    weighted median, the boundary value fractionally, the lower value first at equal distance
+    (:func:`~lightning_byz.aggregators.coordinate.closest_to_center_mean`). A Krum round whose
+    neighbourhood would be empty (only possible in the last rounds) uses one unit of neighbours; equal
+    scores (mutual nearest neighbours) go to the row with the smaller weighted sum of squared
+    distances to the remaining rows, so the result is order-free.
     """
 
     def __init__(self, lam: float = 0.1):
