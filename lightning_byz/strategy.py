@@ -207,9 +207,10 @@ class AsyncPSStrategy(SingleDeviceStrategy):
             self._role.finish()
 
     def teardown(self) -> None:
-        if self._role is not None:
-            self._role.close()
-            self._role = None
+        # A normal end went through ``on_train_end`` (stop messages, final parameters). After an
+        # exception nothing more is exchanged: it propagates, and ``python -m mpi4py`` aborts
+        # every rank, so no rank waits forever for a partner that is gone.
+        self._role = None
         super().teardown()
 
     @classmethod
@@ -311,9 +312,6 @@ class _Role:
 
     def finish(self) -> None:
         """Training is over (the server reached max_steps, or a worker was told to stop)."""
-
-    def close(self) -> None:
-        """Release transports; never blocks for long."""
 
 
 class _ServerLogging:
@@ -550,9 +548,6 @@ class _MPIServerRole(_Role):
         self.transport.close(drain=min(self.strategy.worker_timeout, 30.0))
         _barrier(self.comm, timeout=30.0)
 
-    def close(self) -> None:
-        self.finish()
-
     def state_dict(self) -> dict:
         return {"server": self.server.state_dict()}
 
@@ -584,6 +579,9 @@ class _MPIWorkerRole(_Role):
         self.stopped = False
 
     def train_dataloader(self, dataloader: object) -> object:
+        # A resumed checkpoint is the server's: its loader state (the server's ticks) means nothing
+        # to a worker's shard, which starts afresh (the server sends the parameters to resume from).
+        self.trainer.fit_loop._combined_loader_states_to_load = []
         n = self.strategy.num_workers
         return simulated.shard_loader(dataloader, n, self.worker - 1, self.strategy.seed, keep_workers=True)
 
@@ -634,11 +632,6 @@ class _MPIWorkerRole(_Role):
         if not self.stopped:  # the loop ended on its own (e.g. an exception path): get the final point
             self._apply_reply(*self.transport.wait_stop())
         _barrier(self.comm, timeout=30.0)
-
-    def close(self) -> None:
-        if self.stopped:
-            return
-        self.finish()
 
 
 def _barrier(comm, timeout: float) -> None:
