@@ -68,7 +68,7 @@ def test_cwmed_survives_packet_loss_on_three_links():
 
 @pytest.mark.mpi
 def test_faults_under_mpirun(tmp_path):
-    """1 server + 3 workers: worker 1 random (std 100), 10% packet loss on worker 2's link."""
+    """1 server + 3 workers: worker 1 sign flip (−v), 10% packet loss on worker 2's link."""
     out = tmp_path / "result"
     job = launch(3, [str(SCRIPTS / "faults_mpi.py"), "--out", str(out)], timeout=280,
                  capture_output=True)

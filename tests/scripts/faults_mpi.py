@@ -1,7 +1,7 @@
 """The fault callbacks under MPI: ``mpirun -n 4 python faults_mpi.py --out PREFIX``.
 
-Trains the MLP of ``user_mlp.py`` (1 server + 3 workers, cwmed) with worker 1 sending Gaussian
-vectors of std 100 and 10% packet loss on worker 2's link; every rank writes its test accuracy and
+Trains the MLP of ``user_mlp.py`` (1 server + 3 workers, cwmed, 500 updates) with worker 1 sending its update
+sign-flipped and 10% packet loss on worker 2's link; every rank writes its test accuracy and
 its fault counters (worker-side counters live on the worker ranks) to ``PREFIX.<rank>``.
 """
 
@@ -22,12 +22,12 @@ from lightning_byz.faults import ByzantineWorkers, PacketLoss
 def main(argv=None) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=500)
     args = p.parse_args(argv)
     torch.manual_seed(0)
     model = MLP()
     strategy = AsyncPSStrategy(aggregator="cwmed", transport="mpi", seed=0)
-    faults = [ByzantineWorkers([1], "random", scale=100.0), PacketLoss([2], rate=0.1)]
+    faults = [ByzantineWorkers([1], "sign_flip"), PacketLoss([2], rate=0.1)]
     trainer = L.Trainer(
         strategy=strategy, accelerator="cpu", max_steps=args.steps, logger=False, callbacks=faults,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
