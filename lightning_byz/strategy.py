@@ -130,6 +130,7 @@ class AsyncPSStrategy(SingleDeviceStrategy):
         self.arrival_q = simulated.arrival_probabilities(arrival, self.num_workers)
         self.local_rank = local_rank()
         self.faults: list[Fault] = []
+        self.worker_fault_metrics: dict[str, float] = {}  # MPI server: the workers' fault counters at the end
         self.server: ParameterServer | None = None  # the server's state, on the server (kept after fit)
         self._role: _Role | None = None
 
@@ -546,7 +547,30 @@ class _MPIServerRole(_Role):
         self.stopped = True
         self._reply(list(range(1, self.strategy.num_workers + 1)), stop=True)
         self.transport.close(drain=min(self.strategy.worker_timeout, 30.0))
+        self._collect_fault_metrics(timeout=10.0)
         _barrier(self.comm, timeout=30.0)
+
+    def _collect_fault_metrics(self, timeout: float) -> None:
+        """Worker-side fault counters (attacks, packet loss) live on the workers: gather and log them
+        as ``faults/worker_<i>/<name>``, so an MPI run reports what a simulated run does."""
+        from lightning_byz.transport.mpi import TAG_METRICS
+
+        requests = {w: self.comm.irecv(source=w, tag=TAG_METRICS) for w in range(1, self.strategy.num_workers + 1)}
+        deadline = time.monotonic() + timeout
+        metrics: dict[str, float] = {}
+        while requests and time.monotonic() < deadline:
+            for w, req in list(requests.items()):
+                done, values = req.test()
+                if done:
+                    metrics.update({f"faults/worker_{w}/{k}": float(v) for k, v in values.items()})
+                    del requests[w]
+            time.sleep(1e-3)
+        for req in requests.values():
+            req.cancel()
+        self.strategy.worker_fault_metrics = metrics
+        logger = self.strategy.lightning_module.trainer.logger
+        if metrics and logger is not None:
+            logger.log_metrics(metrics, step=self.strategy.lightning_module.trainer.global_step)
 
     def state_dict(self) -> dict:
         return {"server": self.server.state_dict()}
@@ -629,9 +653,13 @@ class _MPIWorkerRole(_Role):
             self.trainer.should_stop = True
 
     def finish(self) -> None:
+        from lightning_byz.transport.mpi import TAG_METRICS
+
         if not self.stopped:  # the loop ended on its own (e.g. an exception path): get the final point
             self._apply_reply(*self.transport.wait_stop())
+        request = self.comm.isend(self.strategy.fault_metrics(), dest=0, tag=TAG_METRICS)
         _barrier(self.comm, timeout=30.0)
+        request.wait()
 
 
 def _barrier(comm, timeout: float) -> None:

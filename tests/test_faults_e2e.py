@@ -77,6 +77,10 @@ def test_faults_under_mpirun(tmp_path):
     assert ranks[0]["acc"] > 0.80, ranks[0]
     assert ranks[1]["metrics"]["byzantine/messages_attacked"] > 0
     assert ranks[3]["metrics"] == {}
+    # the server gathered the workers' counters (and logged them) at the end
+    for w in (1, 2):
+        for key, value in ranks[w]["metrics"].items():
+            assert ranks[0]["gathered"][f"faults/worker_{w}/{key}"] == value
     # Worker 2 drew exactly the losses the same fault draws in one process for its steps 0..k-1.
     lossy = ranks[2]["metrics"]
     numel = sum(p.numel() for p in MLP().parameters())

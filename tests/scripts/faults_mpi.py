@@ -37,7 +37,8 @@ def main(argv=None) -> None:
     acc = trainer.test(model, test, verbose=False)[0]["test_acc"]
     metrics = {k: v for fault in faults for k, v in fault.metrics().items()}
     with open(f"{args.out}.{strategy.global_rank}", "w") as f:
-        json.dump({"rank": strategy.global_rank, "acc": acc, "metrics": metrics}, f)
+        json.dump({"rank": strategy.global_rank, "acc": acc, "metrics": metrics,
+                   "gathered": strategy.worker_fault_metrics}, f)
 
 
 if __name__ == "__main__":
