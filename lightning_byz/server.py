@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from lightning_byz.aggregators import check_inputs
+from lightning_byz.aggregators import Aggregator, check_inputs
 from lightning_byz.aggregators.coordinate import weighted_median
 
 log = logging.getLogger(__name__)
@@ -202,7 +202,10 @@ class ParameterServer:
         vectors = self.latest if len(workers) == self.num_workers else self.latest[workers - 1]
         if self.attack is not None:
             vectors = self.attack(vectors, w, workers)
-        direction = self.aggregator(vectors, w)
+        if isinstance(self.aggregator, Aggregator):  # rows were validated on arrival
+            direction = self.aggregator.aggregate_checked(vectors, w)
+        else:
+            direction = self.aggregator(vectors, w)
         self.server_rule.step([self.params], [direction], self.lr())
         self.version += 1
         self.round.clear()

@@ -110,6 +110,14 @@ class Aggregator:
         X, w = check_inputs(vectors, weights)
         return self._aggregate(X, w)
 
+    def aggregate_checked(self, X: Tensor, w: Tensor) -> Tensor:
+        """The rule on inputs the caller has already validated (finite rows, ``w`` >= 0 summing to 1).
+
+        The parameter server checks every message as it arrives, so it skips a second read of all
+        n×d values per update here.
+        """
+        return self._aggregate(X, w)
+
     def _aggregate(self, X: Tensor, w: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
