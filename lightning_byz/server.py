@@ -20,17 +20,12 @@ import torch
 from torch import Tensor
 
 from lightning_byz.aggregators import Aggregator, check_inputs
+from lightning_byz.aggregators.base import nonfinite_rows
 from lightning_byz.aggregators.coordinate import weighted_median
 
 log = logging.getLogger(__name__)
 
 Attack = Callable[[Tensor, Tensor, Tensor], Tensor]
-
-
-def _all_finite(t: Tensor) -> bool:
-    """No NaN/Inf in ``t``. A sum is NaN/Inf whenever an element is, and costs ~1/15 of an
-    element-wise ``isfinite``; only a non-finite sum (or a finite overflow) needs the full check."""
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 @dataclass
@@ -157,12 +152,12 @@ class ParameterServer:
             return None
         if msg.vector.dim() != 1 or msg.vector.numel() != self.params.numel():
             return f"wrong size: {tuple(msg.vector.shape)} instead of ({self.params.numel()},)"
-        if not _all_finite(msg.vector):
+        if bool(nonfinite_rows(msg.vector[None]).any()):
             return "non-finite values (NaN/Inf) in the update"
         if msg.buffers is not None and self.latest_buffers.shape[1]:
             if msg.buffers.numel() != self.latest_buffers.shape[1]:
                 return f"wrong buffer size: {msg.buffers.numel()} instead of {self.latest_buffers.shape[1]}"
-            if not _all_finite(msg.buffers):
+            if bool(nonfinite_rows(msg.buffers[None]).any()):
                 return "non-finite values (NaN/Inf) in the buffers"
         if msg.version > self.version:
             return f"version {msg.version} from the future (server is at {self.version})"

@@ -53,6 +53,18 @@ def nonzero_rows(mask: Tensor, limit: int = 10) -> str:
     return ", ".join(map(str, rows[:limit])) + more
 
 
+def nonfinite_rows(X: Tensor) -> Tensor:
+    """Boolean mask of the rows of ``X`` [n, d] that hold a NaN/Inf.
+
+    A row sum is NaN/Inf whenever the row holds one; only then (or on a finite overflow) look
+    closer. The row sums cost half a read of X, the element-wise check twenty.
+    """
+    sums_finite = torch.isfinite(X.sum(dim=1))
+    if bool(sums_finite.all()):
+        return ~sums_finite
+    return ~torch.isfinite(X).all(dim=1)
+
+
 def check_inputs(vectors: Tensor, weights: Tensor | None) -> tuple[Tensor, Tensor]:
     """Validate ``(vectors, weights)``; return them with weights normalised to sum 1.
 
@@ -68,12 +80,9 @@ def check_inputs(vectors: Tensor, weights: Tensor | None) -> tuple[Tensor, Tenso
         raise ValueError(f"vectors must be non-empty, got shape {tuple(vectors.shape)}")
     if vectors.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"vectors must be float32 or float64, got {vectors.dtype}")
-    # A row sum is NaN/Inf whenever the row holds one; only then (or on a finite overflow) look closer.
-    # The row sums cost half a read of X, the element-wise check twenty.
-    if not bool(torch.isfinite(vectors.sum(dim=1)).all()):
-        bad = ~torch.isfinite(vectors).all(dim=1)
-        if bool(bad.any()):
-            raise ValueError(f"vectors contain NaN/Inf in rows {nonzero_rows(bad)}")
+    bad = nonfinite_rows(vectors)
+    if bool(bad.any()):
+        raise ValueError(f"vectors contain NaN/Inf in rows {nonzero_rows(bad)}")
     if weights is None:
         w = torch.full((n,), 1.0 / n, dtype=vectors.dtype, device=vectors.device)
         return vectors, w
