@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_byz.aggregators import coordinate, get_aggregator
+from lightning_byz.aggregators import coordinate, coordinate_cpu, get_aggregator
 from lightning_byz.aggregators.coordinate import (
     bitonic_merger,
     closest_to_center_mean,
@@ -129,24 +129,23 @@ def weighted_problem(draw, max_n=6, max_d=3):
 
 # ----------------------------------------------------------------------------- properties
 def test_networks_sort_every_small_n():
-    """Batcher's network sorts anything; the bitonic merger sorts V-shaped columns; payloads follow."""
+    """Batcher's network sorts anything and the bitonic merger sorts V-shaped columns (nearest first,
+    the lower value first at equal distance), with payloads following, as the CPU kernel runs them."""
     gen = torch.Generator().manual_seed(0)
     for n in range(1, 41):
         assert all(0 <= i < j < n for i, j in sorting_network(n) + bitonic_merger(n))
         X = torch.randint(0, 4, (n, 64), generator=gen).double()
-        V = torch.stack(coordinate._run_network(sorting_network(n), X)[0])
-        assert torch.equal(V, X.sort(0).values)
-        tag = torch.arange(n, dtype=X.dtype)[:, None].expand_as(X)
-        V, T = map(torch.stack, coordinate._run_network(sorting_network(n), X, tag))
-        assert torch.equal(X.gather(0, T.long()), V)
-        center = torch.randint(-1, 5, (64,), generator=gen).double()
-        shaped = (X.sort(0).values - center).abs()  # falls, then rises
-        S = torch.stack(coordinate._run_network(bitonic_merger(n), shaped)[0])
-        assert torch.equal(S, shaped.sort(0).values)
-        # Pruned to some order statistics, skipping outputs nobody reads: those rows are still exact.
-        exact = tuple(sorted({0, n // 3, n // 2, n - 1}))
-        rows = coordinate._run_network(coordinate._pruned(sorting_network(n), exact), X, read=exact)[0]
-        assert torch.equal(torch.stack([rows[k] for k in exact]), X.sort(0).values[list(exact)])
+        V, tag = X.numpy().copy(), np.repeat(np.arange(n, dtype=np.float64)[:, None], 64, axis=1)
+        coordinate_cpu._sort(V, tag, True, coordinate._pair_array(sorting_network(n)), 64)
+        assert np.array_equal(V, X.sort(0).values.numpy())
+        assert np.array_equal(np.take_along_axis(X.numpy(), tag.astype(np.int64), 0), V)
+        center = torch.randint(-1, 5, (64,), generator=gen).double().numpy()
+        D = np.abs(V - center)  # falls, then rises along sorted V
+        S, T = V.copy(), tag.copy()
+        coordinate_cpu._merge_by_distance(D, S, T, True, coordinate._pair_array(bitonic_merger(n)), 64)
+        order = np.lexsort((V, np.abs(V - center)), axis=0)  # by distance, then by value
+        assert np.array_equal(S, np.take_along_axis(V, order, 0))
+        assert np.array_equal(np.take_along_axis(X.numpy(), T.astype(np.int64), 0), S)
 
 
 @pytest.mark.parametrize("name", RULES)
@@ -196,7 +195,7 @@ def test_uniform_lam_f_over_n_is_the_classic_rule(name, n):
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 7, 8, 11, 17])
 def test_uniform_fast_path_keeps_any_count_even_dropping_more_than_half(n):
-    """keep = k/n with uniform weights (the fast path) against the brute-force reference for every k,
+    """keep = k/n with uniform weights against the brute-force reference for every k,
     in particular k < n/2 (Bulyan drops 4 of 7 at n = 11, f = 2): median centre on tied integer
     values, trimmed centre on continuous ones (its rounded centre may split exact ties, so skip the
     trims that leave two values: their midpoint is equidistant from both by construction)."""
@@ -255,20 +254,28 @@ def test_cwtm_splits_boundary_weight():
     assert got == pytest.approx((0.5 * 0 + 1 + 2 + 0.5 * 3) / 3)
 
 
-def test_multi_block_and_torch_sort_paths(monkeypatch):
-    """Column blocks (CPU) and the torch.sort path for many rows give the same rules, ties included
-    (first 10 columns; Phocas' rounded centre may split exact distance ties either way, see above)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_kernel_matches_torch_path(monkeypatch, dtype):
+    """The numba kernel (CPU, several column blocks, the last one partial) and the torch.sort path
+    (CUDA, many rows; here forced on CPU with small column blocks) compute the same rules, ties,
+    zero weights and snapped cut points included. Phocas' rounded centre may split exact distance
+    ties either way (see above), so its tied columns are left out."""
     gen = torch.Generator().manual_seed(3)
-    X = torch.randn(11, 50, generator=gen, dtype=torch.float64)
-    X[:, :10] = torch.randint(-2, 3, (11, 10), generator=gen).double()
-    w = torch.randint(1, 4, (11,), generator=gen).double()
-    before = {name: (make(name, 3 / 11)(X), make(name, 3 / 11)(X, w)) for name in RULES}
-    monkeypatch.setattr(coordinate, "BLOCK_COLUMNS", 7)
-    monkeypatch.setattr(coordinate, "NETWORK_MAX_N", 4)
-    for name, (uniform, weighted) in before.items():
-        cols = slice(10, None) if name == "phocas" else slice(None)
-        torch.testing.assert_close(make(name, 3 / 11)(X)[cols], uniform[cols], rtol=1e-13, atol=1e-13)
-        torch.testing.assert_close(make(name, 3 / 11)(X, w)[cols], weighted[cols], rtol=1e-13, atol=1e-13)
+    for n in (1, 2, 5, 11, 17):
+        X = torch.randn(n, 2 * coordinate_cpu.BLOCK + 37, generator=gen, dtype=dtype)
+        X[:, :10] = torch.randint(-2, 3, (n, 10), generator=gen).to(dtype)
+        w = torch.randint(0, 4, (n,), generator=gen).to(dtype)
+        w[0] = 1.0
+        for weights in (None, w, torch.rand(n, generator=gen, dtype=dtype)):
+            for name in RULES:
+                cols = slice(10, None) if name == "phocas" else slice(None)
+                with monkeypatch.context() as patch:
+                    kernel = make(name, 3 / 11)(X, weights)
+                    patch.setattr(coordinate, "KERNEL_MAX_N", 0)
+                    patch.setattr(coordinate, "BLOCK_COLUMNS", 7)
+                    torch_path = make(name, 3 / 11)(X, weights)
+                tol = 1e-5 if dtype == torch.float32 else 1e-12
+                torch.testing.assert_close(kernel[cols], torch_path[cols], rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("name", RULES)
