@@ -101,10 +101,13 @@ def test_mu2sgd_matches_float64_transcription(schedule, device):
     ref_losses, ref_points = reference_mu2sgd(make_net(device=device), batches, lr, beta, gamma, schedule, wd)
     net = make_net(device=device)
     opt = Mu2SGD(net.parameters(), lr=lr, beta=beta, gamma=gamma, schedule=schedule, weight_decay=wd)
+    storage = [p.data_ptr() for p in net.parameters()]
     for batch, ref_loss, ref_x in zip(batches, ref_losses, ref_points):
         loss = opt.step(make_closure(net, opt, batch))
         torch.testing.assert_close(loss.detach(), ref_loss, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(flat(net), ref_x, rtol=1e-12, atol=1e-12)
+        # x_{t-1} is evaluated by pointing .data elsewhere; each parameter ends on its own storage
+        assert [p.data_ptr() for p in net.parameters()] == storage
     # .grad holds g(x_t; z_t) of the last step, without weight decay
     x_last = ref_points[-2]
     torch.testing.assert_close(torch.cat([p.grad.reshape(-1) for p in net.parameters()]),

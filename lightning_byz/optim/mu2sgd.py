@@ -30,18 +30,15 @@ class Mu2SGD(torch.optim.Optimizer):
     zero gradient. Training-step side effects (logging, BatchNorm statistics) happen twice per step.
 
     State per parameter: ``step`` (t), ``d`` (d_t), ``w`` (the AnyTime anchor), ``prev`` (x_t after
-    the step, which is x_{t−1} of the next one).
+    the step, which is x_{t−1} of the next one). To evaluate at x_{t−1} a parameter's ``.data`` is
+    pointed at ``prev`` for the first closure and back at its own storage after it (no copies); the
+    parameter's storage is the same before and after ``step``.
     """
 
     def __init__(self, params, lr: float, beta: float = 0.25, gamma: float = 0.1, schedule: str = "fixed",
                  weight_decay: float = 0.0) -> None:
         defaults = dict(lr=lr, beta=beta, gamma=gamma, schedule=schedule, weight_decay=weight_decay)
         super().__init__(params, defaults)
-        self._spare: dict[Tensor, Tensor] = {}  # a buffer per parameter for x_t while x_{t-1} is evaluated
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)
-        self._spare.clear()
 
     def add_param_group(self, param_group: dict) -> None:
         group = {**self.defaults, **param_group}  # validate before the group joins
@@ -73,31 +70,33 @@ class Mu2SGD(torch.optim.Optimizer):
         t = self.state[params[0]].get("step", 0) + 1
         if t == 1:
             loss, grads = self._evaluate(closure, params)
-            prev_grads, x_now = [None] * len(params), rules.clone_all(params)
+            prev_grads = [None] * len(params)
         else:
-            x_now = [self._spare.pop(p) if p in self._spare else torch.empty_like(p) for p in params]
-            torch._foreach_copy_(x_now, params)
-            torch._foreach_copy_(params, [self.state[p]["prev"] for p in params])
+            own = [p.data for p in params]
             cuda = sorted({p.device.index for p in params if p.device.type == "cuda"})
             try:
+                for p in params:
+                    p.data = self.state[p]["prev"]
                 with torch.random.fork_rng(devices=cuda):
                     _, prev_grads = self._evaluate(closure, params)
             finally:
-                torch._foreach_copy_(params, x_now)
+                for p, data in zip(params, own):
+                    p.data = data
             loss, grads = self._evaluate(closure, params)
 
-        by_param = dict(zip(params, zip(grads, prev_grads, x_now)))
+        by_param = dict(zip(params, zip(grads, prev_grads)))
         for group in self.param_groups:
             x = group["params"]
-            g, g_prev, x_t = (list(column) for column in zip(*(by_param[p] for p in x)))
+            g, g_prev = (list(column) for column in zip(*(by_param[p] for p in x)))
             state = [self.state[p] for p in x]
             d, w, x_prev = ([s[k] for s in state] if t > 1 else None for k in ("d", "w", "prev"))
             d = rules.storm_direction(d, g, g_prev if t > 1 else None, x, x_prev,
                                       rules.storm_beta(group["schedule"], group["beta"], t), group["weight_decay"])
-            w = rules.clone_all(x) if t == 1 else w
+            if t == 1:
+                w, x_prev = rules.clone_all(x), rules.clone_all(x)
+            else:
+                torch._foreach_copy_(x_prev, x)  # x_{t-1} is spent: its buffer keeps x_t
             rules.anytime_step_(x, w, d, group["lr"], *rules.anytime_weights(group["schedule"], group["gamma"], t))
-            for p, s, d_i, w_i, x_i in zip(x, state, d, w, x_t):
-                if t > 1:
-                    self._spare[p] = s["prev"]  # x_{t-1} is spent: the buffer for x_t in the next step
-                s.update(step=t, d=d_i, w=w_i, prev=x_i)
+            for s, d_i, w_i, prev_i in zip(state, d, w, x_prev):
+                s.update(step=t, d=d_i, w=w_i, prev=prev_i)
         return loss

@@ -77,10 +77,14 @@ def clone_all(tensors: list[Tensor]) -> list[Tensor]:
 
 
 def storm_(d: list[Tensor], grads: list[Tensor], prev_grads: list[Tensor], beta_t: float) -> None:
-    """In place: d <- grads + (1 − β_t)(d − prev_grads)."""
-    torch._foreach_sub_(d, prev_grads)
-    torch._foreach_mul_(d, 1.0 - beta_t)
-    torch._foreach_add_(d, grads)
+    """In place: d <- grads + (1 − β_t)(d − prev_grads); ``prev_grads`` is overwritten (scratch).
+
+    Two passes instead of three: E = lerp(prev, g, 1/β) = (g − (1 − β)·prev)/β, then
+    d <- lerp(d, E, β) = (1 − β)·d + g − (1 − β)·prev. (lerp evaluates a weight >= 1/2 from the
+    end point, so the rounding error stays that of the direct formula.)
+    """
+    torch._foreach_lerp_(prev_grads, grads, 1.0 / beta_t)
+    torch._foreach_lerp_(d, prev_grads, beta_t)
 
 
 def heavy_ball_(buf: list[Tensor], grads: list[Tensor], momentum: float, dampening: float) -> None:
@@ -110,7 +114,8 @@ def storm_direction(
     weight_decay: float,
 ) -> list[Tensor]:
     """STORM's d_t: a fresh copy of g(x_1) + wd·x_1 when ``d`` is None (the first step), else ``d``
-    updated in place with the correction g(x_{t−1}; z_t) + wd·x_{t−1} in ``prev_grads``."""
+    updated in place with the correction g(x_{t−1}; z_t) + wd·x_{t−1} in ``prev_grads``, which
+    serves as scratch (overwritten)."""
     g = with_weight_decay(grads, params, weight_decay)
     if d is None:
         return clone_all(g) if g is grads else g

@@ -53,8 +53,8 @@ class WorkerRule:
         prev_params: list[Tensor] | None = None,
     ) -> list[Tensor]:
         """d_t from grads = g(x_t; z_t) and prev_grads = g(x_{t−1}; z_t) (None on the first step or
-        when not needed); params / prev_params = x_t / x_{t−1}, needed only for weight decay. The
-        result is owned by the rule: the caller must not modify it."""
+        when not needed; a rule may use it as scratch); params / prev_params = x_t / x_{t−1}, needed
+        only for weight decay. The result is owned by the rule: the caller must not modify it."""
         self.t += 1
         self.buffer = self._update(self.buffer, grads, prev_grads, params, prev_params)
         return self.buffer
