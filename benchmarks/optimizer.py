@@ -2,9 +2,14 @@
 
 Gradients are synthesised and handed over by a closure that does no work, so the second gradient
 evaluation of μ²-SGD is excluded: what is timed is the rule work (and, for the full ``Mu2SGD.step``,
-its copies of x_t and x_{t−1}). The candidates run round-robin; the best of the repeats is the
-measure on a shared machine. Prints times and ratios to plain SGD and momentum SGD; issue 5's
-target is a ratio <= 3.
+its copy of x_t, kept as the next step's x_{t−1}). The candidates run round-robin; the best of the
+repeats is the measure on a shared machine. Prints times and ratios to plain SGD and momentum SGD;
+issue 5's target is a ratio <= 3.
+
+The step is memory-bound, so count array passes (reads + writes of d floats): SGD reads g, x and
+writes x (3). STORM + AnyTime read g, g_prev, d, w, x and write d, w, x: 8 at best fused, 12 with
+foreach kernels (two lerps for STORM, add + lerp for AnyTime), i.e. 2.7x / 4x SGD in bytes moved;
+the full step also writes x_{t−1} (+1 fused, +2 as a copy).
 
     .venv/bin/python benchmarks/optimizer.py [--device cuda] [--repeats 20]
 """

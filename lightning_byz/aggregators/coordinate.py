@@ -89,12 +89,13 @@ def _kernel(X: Tensor, w: Tensor, center: int, lam: float = 0.0, keep: float = 0
     n = X.shape[0]
     X = X.detach().contiguous()
     out = torch.empty(X.shape[1], dtype=X.dtype)
-    consts = np.array([lam, 1.0 - lam, 1.0 - 2.0 * lam, keep, snap_tolerance(n, X.dtype), 0.5, 0.0, np.inf],
-                      dtype=torch.empty(0, dtype=X.dtype).numpy().dtype)
+    dtype = out.numpy().dtype
+    consts = np.array([lam, 1.0 - lam, 1.0 - 2.0 * lam, keep, snap_tolerance(n, X.dtype), 0.5, 0.0], dtype=dtype)
+    bits = np.empty(0, dtype=f"int{8 * dtype.itemsize}")
     numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     coordinate_cpu.coordinate_rule(X.numpy(), w.detach().contiguous().numpy(), not _is_uniform(w),
                                    _pair_array(sorting_network(n)), _pair_array(bitonic_merger(n)),
-                                   center, consts, out.numpy())
+                                   center, consts, bits, out.numpy())
     return out
 
 

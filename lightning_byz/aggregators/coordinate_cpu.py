@@ -105,15 +105,20 @@ def _trimmed(V, C, lam, upper, mass, zero, out, m):
 
 
 @njit(cache=True)
-def _closest_mass(V, W, D, C, w0, carry, merge_pairs, center, keep, tol, zero, inf, out, m):
-    """Weighted mean of the mass ``keep`` nearest to ``center`` (per column), nearest first."""
+def _closest_mass(V, W, D, D_bits, C, w0, carry, merge_pairs, center, keep, tol, zero, out, m):
+    """Weighted mean of the mass ``keep`` nearest to ``center`` (per column), nearest first.
+
+    ``D_bits`` is D's memory seen as integers of its width: a distance above the centre is made one
+    ulp larger (as ``coordinate._by_distance`` does with nextafter, so that exact ties and ties by
+    rounding alike go to the lower value) by adding 1 to its bits, which vectorises where a call
+    to nextafter does not (valid for finite D >= 0, where it is exactly nextafter(D, +inf)).
+    """
     n = V.shape[0]
     for k in range(n):
         for c in range(m):
-            # above the centre one ulp farther, as coordinate._by_distance does: exact ties and
-            # ties by rounding alike go to the lower value
-            dist = abs(V[k, c] - center[c])
-            D[k, c] = np.nextafter(dist, inf) if V[k, c] > center[c] else dist
+            D[k, c] = abs(V[k, c] - center[c])
+        for c in range(m):
+            D_bits[k, c] += V[k, c] > center[c]
     _merge_by_distance(D, V, W, carry, merge_pairs, m)
     _cumulate(W, w0, carry, C, (keep, keep), tol, m)
     for c in range(m):
@@ -126,16 +131,17 @@ def _closest_mass(V, W, D, C, w0, carry, merge_pairs, center, keep, tol, zero, i
 
 
 @njit(parallel=True, cache=True)
-def coordinate_rule(X, w, carry, sort_pairs, merge_pairs, center, consts, out):
+def coordinate_rule(X, w, carry, sort_pairs, merge_pairs, center, consts, bits, out):
     """One coordinate-wise rule over X [n, d] with weights w (summing to 1) into out [d].
 
     ``center`` MEDIAN (w-CWMed) or TRIMMED (w-CWTM with budget ``lam``); with ``keep`` > 0 the result
     is instead the weighted mean of the mass ``keep`` closest to that centre (MeaMed, Phocas,
     Bulyan's second phase). ``carry`` False means uniform weights: they need not move. ``consts``
-    holds (lam, 1 - lam, 1 - 2 lam, keep, tol, 1/2, 0, inf) in X's dtype, so that all arithmetic stays in it.
+    holds (lam, 1 - lam, 1 - 2 lam, keep, tol, 1/2, 0) in X's dtype, so that all arithmetic stays in it;
+    ``bits`` is an empty integer array as wide as X's dtype.
     """
     n, d = X.shape
-    lam, upper, mass, keep, tol, half, zero, inf = consts
+    lam, upper, mass, keep, tol, half, zero = consts
     median_cuts, trim_cuts = (half, half), (lam, upper)
     for block in prange((d + BLOCK - 1) // BLOCK):
         start = block * BLOCK
@@ -156,7 +162,8 @@ def coordinate_rule(X, w, carry, sort_pairs, merge_pairs, center, consts, out):
         else:
             _trimmed(V, C, lam, upper, mass, zero, mid, m)
         if keep > 0:
-            _closest_mass(V, W, np.empty((n, BLOCK), X.dtype), C, w[0], carry, merge_pairs, mid, keep, tol, zero, inf,
+            D_bits = np.empty((n, BLOCK), bits.dtype)
+            _closest_mass(V, W, D_bits.view(X.dtype), D_bits, C, w[0], carry, merge_pairs, mid, keep, tol, zero,
                           out[start : start + m], m)
         else:
             out[start : start + m] = mid[:m]
