@@ -1,10 +1,13 @@
 """``lightning-byz report``: run a grid of offline recipe variants, plot accuracy vs step, tabulate.
 
 Each seed figure is a set of runs of one ``recipes/*-offline.yaml`` with CLI overrides, simulated in
-this process. Per figure it writes ``<figure>.png`` (validation accuracy vs server step) and
-``<figure>.md`` (final and best accuracy per run) and ``<figure>.json`` (every curve).
+this process. With ``--seeds K`` every run is repeated with seeds 0..K−1 (``seed_everything``: model
+init; the strategy's ``seed``: arrivals, shards, fault draws; the train/validation split stays fixed).
+Per figure it writes ``<figure>.png`` (validation accuracy vs server step: the mean over seeds, with a
+min–max band), ``<figure>.md`` (final and best accuracy per run: mean [min, max] over seeds) and
+``<figure>.json`` (every curve of every seed, and the summary).
 
-    lightning-byz report --grid small --out docs/report [--only mnist_ctma]
+    lightning-byz report --grid small --seeds 2 --out docs/report [--only mnist_ctma]
 """
 
 from __future__ import annotations
@@ -14,15 +17,19 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
+if TYPE_CHECKING:
+    from lightning.pytorch.cli import LightningCLI
+
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 GRIDS = ("tiny", "small", "full")
-STEPS = {"tiny": 6, "small": 150, "full": None}  # server steps per run; None: the recipe's max_steps
+STEPS = {"tiny": 6, "small": None, "full": None}  # server steps per run; None: the recipe's own max_steps
+Curve = list[tuple[int, float]]  # (server step, validation accuracy) after each validation
 
 
 class Unweighted:
@@ -39,7 +46,7 @@ class AccuracyCurve(Callback):
     """Record ``(server step, val_acc)`` after every validation (sanity checks excluded)."""
 
     def __init__(self) -> None:
-        self.points: list[tuple[int, float]] = []
+        self.points: Curve = []
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking and "val_acc" in trainer.callback_metrics:
@@ -76,76 +83,138 @@ def _attack(name: str, workers: list[int] | None = None) -> list[str]:
     return args
 
 
+def _flag_rules(grid: str, n: int, f: int, extra: tuple[str, ...] = ()) -> list[Run]:
+    """The FA paper's comparison at ``n`` workers, ``f`` faulty: FA, the "normalised mean" (FA with
+    m = n), and the classic rules with Byzantine budget lam = f/n (``full`` adds MeaMed, Phocas,
+    Bulyan); ``extra`` rules without arguments (e.g. the plain mean) come first."""
+    lam = round(f / n, 6)
+    rules = [(name, _agg(name)) for name in extra] + [
+        ("fa", _agg("fa")), ("normalised mean (fa, m=n)", _agg("fa", m=n)), ("cwtm", _agg("cwtm", lam=lam)),
+        ("cwmed", _agg("cwmed")), ("multikrum", _agg("multikrum", lam=lam))]
+    if grid == "full":
+        rules += [(name, _agg(name, lam=lam)) for name in ("meamed", "phocas", "bulyan")]
+    return [Run(label, overrides) for label, overrides in rules]
+
+
 def figures(grid: str) -> list[Figure]:
-    """The runs of each seed figure: ``full`` all, ``small`` a cut (one base rule / attack less),
-    ``tiny`` two runs of the first figure."""
+    """The runs of each seed figure: ``full`` all, ``small`` a cut (one base rule / attack less, fewer λ,
+    no MeaMed, Phocas, Bulyan in the FA comparisons), ``tiny`` two short runs of two figures."""
     full = grid == "full"
     weighted = Figure(
         "mnist_async_weighted", "Weighted vs unweighted (17 workers, 8 Byzantine, P ∝ i²)",
-        "weighted beats unweighted", "mnist_async_weighted-offline.yaml",
+        "weighted beats unweighted (Dahan & Levy 2024, Fig. 1)", "mnist_async_weighted-offline.yaml",
         [Run(f"{'w-' if not unw else ''}{rule} / {attack}", _agg(rule) + _attack(attack), unw)
          for attack in ("sign_flip", "label_flip") for rule in ("cwmed", "rfa")[: 2 if full else 1]
          for unw in (False, True)],
     )
+    sweep = (0, 0.1, 0.5, 1, 3, 7, 14) if full else (0, 0.1, 0.5, 1, 7)  # the paper suggests λ = Θ(p)
+    lam = Figure(
+        "cifar10_flag_lambda", "FA's regulariser λ, p = 7, f = 1 random gradient (sync)",
+        "FA improves on or matches Multi-Krum and Bulyan over a range of λ (FA paper, Fig. 8)",
+        "cifar10_flag_lambda-offline.yaml",
+        [Run(f"fa, λ = {value}", _agg("fa", lam=value)) for value in sweep]
+        + [Run(name, _agg(name, lam=round(1 / 7, 6))) for name in ("multikrum", "bulyan")],
+    )
     if grid == "tiny":
-        weighted.runs = weighted.runs[:2]
-        return [weighted]
+        weighted.runs, lam.runs = weighted.runs[:2], [lam.runs[0], lam.runs[len(sweep) - 1]]  # λ = 0, 7
+        return [weighted, lam]
     ctma = Figure(
         "mnist_ctma", "w-CTMA on/off (17 workers, 8 Byzantine, P ∝ i²)",
-        "w-CTMA helps most under empire", "mnist_ctma-offline.yaml",
+        "w-CTMA helps most under empire (Dahan & Levy 2024, Fig. 2)", "mnist_ctma-offline.yaml",
         [Run(f"{name} / {attack}", agg + _attack(attack))
          for attack in ("sign_flip", "alie", "ipm")
          for name, agg in (("w-cwmed", _agg("cwmed")), ("ctma(w-cwmed)", _agg("ctma", base="cwmed", lam=0.2)))],
     )
     optim = Figure(
         "cifar10_mu2sgd", "μ²-SGD vs momentum vs SGD (9 workers, 4 Byzantine, P ∝ i, λ = 0.4)",
-        "μ²-SGD ≈ momentum ≫ SGD", "cifar10_mu2sgd-offline.yaml",
+        "μ²-SGD ≈ momentum ≫ SGD (Dahan & Levy 2024, Fig. 3)", "cifar10_mu2sgd-offline.yaml",
         [Run(f"{opt} / {attack}", [f"--model.init_args.optimizer={opt}"] + _attack(attack))
          for attack in ("sign_flip", "ipm")[: 2 if full else 1] for opt in ("mu2sgd", "momentum", "sgd")],
     )
-    rules = [("fa", {}), ("normalised mean (fa, m=n)", {"m": 15}), ("cwtm", {"lam": 0.2}), ("cwmed", {}),
-             ("multikrum", {"lam": 0.2})]
-    if full:
-        rules += [("meamed", {"lam": 0.2}), ("phocas", {"lam": 0.2}), ("bulyan", {"lam": 0.2})]
     flag = Figure(
         "cifar10_flag", "FA vs robust rules, f = 3 of 15 send random gradients (sync)",
-        "FA beats the others under random gradients", "cifar10_flag-offline.yaml",
-        [Run(label, _agg(label.split(" ")[0] if not kw.get("m") else "fa", **kw)) for label, kw in rules],
+        "FA beats the others under random gradients (FA paper, Figs. 4-5)", "cifar10_flag-offline.yaml",
+        _flag_rules(grid, 15, 3),
     )
-    return [weighted, ctma, optim, flag]
+    loss = Figure(
+        "cifar10_flag_packet_loss", "FA vs robust rules, 10% packet loss on 3 of 15 links (sync)",
+        "FA converges to a higher accuracy than the others under packet loss (FA paper, Fig. 6a)",
+        "cifar10_flag_packet_loss-offline.yaml", _flag_rules(grid, 15, 3, extra=("mean",)),
+    )
+    augmentation = Figure(
+        "cifar10_flag_augmentation", "FA vs robust rules, 3 of 15 workers train on augmented data (sync)",
+        "FA handles nonlinear augmentation on the Byzantine workers more stably than the others "
+        "(FA paper, Fig. 7)",
+        "cifar10_flag_augmentation-offline.yaml", _flag_rules(grid, 15, 3, extra=("mean",)),
+    )
+    return [weighted, ctma, optim, flag, loss, augmentation, lam]
 
 
-def run_one(recipe: Path, run: Run, grid: str) -> list[tuple[int, float]]:
-    """Fit one variant in-process; its accuracy curve."""
+def build(recipe: Path, run: Run, steps: int | None = None, seed: int = 0) -> LightningCLI:
+    """The LightningCLI (not run) of one variant: ``steps`` server steps (None: the recipe's, validating
+    as it says; else 6 validations), ``seed`` for the model init, arrivals, shards and faults."""
     from lightning_byz.cli import run_cli
 
-    args = ["--config", str(recipe), *run.overrides, "--trainer.logger=false",
+    args = ["--config", str(recipe), *run.overrides, f"--seed_everything={seed}",
+            f"--trainer.strategy.init_args.seed={seed}", "--trainer.logger=false",
             "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false",
             "--trainer.enable_model_summary=false"]
-    steps = STEPS[grid]
     if steps is not None:
         args += [f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={max(1, steps // 6)}"]
     cli = run_cli(args, run=False)
-    strategy = cli.trainer.strategy
     if run.unweighted:
-        strategy.aggregator = Unweighted(strategy.aggregator)
+        cli.trainer.strategy.aggregator = Unweighted(cli.trainer.strategy.aggregator)
+    return cli
+
+
+def run_one(recipe: Path, run: Run, steps: int | None = None, seed: int = 0) -> Curve:
+    """Fit one variant in-process (see :func:`build`); its accuracy curve."""
+    cli = build(recipe, run, steps, seed)
     curve = AccuracyCurve()
     cli.trainer.callbacks.append(curve)
     cli.trainer.fit(cli.model, cli.datamodule)
     return curve.points
 
 
-def plot(figure: Figure, curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
+def band(curves: list[Curve]) -> tuple[list[int], list[float], list[float], list[float]]:
+    """Steps evaluated in every seed's curve, with the mean, min and max accuracy over seeds there."""
+    by_step = [dict(c) for c in curves]
+    steps = sorted(set.intersection(*map(set, by_step))) if by_step else []
+    accs = [[seed[step] for seed in by_step] for step in steps]
+    return steps, [sum(a) / len(a) for a in accs], [min(a) for a in accs], [max(a) for a in accs]
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Mean, min, max and (population) std of one number over seeds."""
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
+    return {"mean": mean, "min": min(values), "max": max(values), "std": std}
+
+
+def summarise(curves: list[Curve]) -> dict[str, dict[str, float]] | None:
+    """Final and best accuracy of each seed's curve, summarised over seeds (None: no evaluation)."""
+    if not curves or not all(curves):
+        return None
+    return {"final": spread([c[-1][1] for c in curves]), "best": spread([max(a for _, a in c) for c in curves])}
+
+
+def plot(figure: Figure, curves: dict[str, list[Curve]], path: Path) -> None:
+    """Mean accuracy vs step per run; with several seeds a shaded min–max band."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for label, points in curves.items():
-        steps, accs = zip(*points) if points else ((), ())
-        ax.plot(steps, accs, marker="o", markersize=3, label=label)
-    ax.set(title=figure.title, xlabel="server step", ylabel="validation accuracy")
+    seeds = max((len(c) for c in curves.values()), default=1)
+    fig, ax = plt.subplots(figsize=(6.8, 4.4))
+    for label, runs in curves.items():
+        steps, mean, low, high = band(runs)
+        (line,) = ax.plot(steps, mean, marker="o", markersize=3, label=label)
+        if seeds > 1:
+            ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
+    title = figure.title + (f"\nmean of {seeds} seeds, band: min–max" if seeds > 1 else "")
+    ax.set(title=title, xlabel="server step", ylabel="validation accuracy")
+    ax.title.set_fontsize(10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -153,22 +222,36 @@ def plot(figure: Figure, curves: dict[str, list[tuple[int, float]]], path: Path)
     plt.close(fig)
 
 
-def table(figure: Figure, curves: dict[str, list[tuple[int, float]]]) -> str:
+def _cell(stat: dict[str, float] | None) -> str:
+    if stat is None:
+        return "n/a"
+    if stat["min"] == stat["max"]:
+        return f"{stat['mean']:.3f}"
+    return f"{stat['mean']:.3f} [{stat['min']:.3f}, {stat['max']:.3f}]"
+
+
+def table(figure: Figure, summary: dict[str, dict | None], seeds: int) -> str:
+    """Markdown: the claim, then final and best accuracy per run (mean [min, max] over seeds)."""
+    over = f" (mean [min, max] over {seeds} seeds)" if seeds > 1 else ""
     lines = [f"### {figure.title}", "", f"Claim: {figure.claim}. Recipe: `recipes/{figure.recipe}`.", "",
-             "| run | final acc | best acc |", "|---|---|---|"]
-    for label, points in curves.items():
-        final = f"{points[-1][1]:.3f}" if points else "n/a"
-        best = f"{max(a for _, a in points):.3f}" if points else "n/a"
-        lines.append(f"| {label} | {final} | {best} |")
+             f"| run | final acc{over} | best acc{over} |", "|---|---|---|"]
+    for label, stats in summary.items():
+        lines.append(f"| {label} | {_cell(stats and stats['final'])} | {_cell(stats and stats['best'])} |")
     return "\n".join(lines) + "\n"
 
 
 def report(grid: str = "small", out: str | Path = "docs/report", recipes: Path = RECIPES,
-           only: list[str] | None = None) -> dict:
-    """Run every figure of ``grid`` (or those named in ``only``); write their PNG, markdown table and
-    JSON curves under ``out``."""
+           only: list[str] | None = None, seeds: int = 1, steps: int | None = None) -> dict:
+    """Run every figure of ``grid`` (or those named in ``only``), each run with seeds 0..``seeds``−1
+    for ``steps`` server steps (default: the grid's); write their PNG, markdown table and JSON curves
+    under ``out``."""
     if grid not in GRIDS:
         raise ValueError(f"unknown grid {grid!r}; choose one of {', '.join(GRIDS)}")
+    if seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {seeds}")
+    if steps is not None and steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {steps}")
+    steps = STEPS[grid] if steps is None else steps
     selected = figures(grid)
     unknown = sorted(set(only or []) - {f.name for f in selected})
     if unknown:
@@ -182,15 +265,25 @@ def report(grid: str = "small", out: str | Path = "docs/report", recipes: Path =
         recipe = recipes / figure.recipe
         if not recipe.is_file():
             raise FileNotFoundError(f"recipe {recipe} not found (run from the repository, or pass --recipes)")
-        curves = {}
+        figure_start = time.monotonic()
+        curves: dict[str, list[Curve]] = {}
         for run in figure.runs:
-            start = time.monotonic()
-            curves[run.label] = run_one(recipe, run, grid)
-            print(f"[report] {figure.name}: {run.label}: {curves[run.label][-1:]} "
-                  f"({time.monotonic() - start:.0f} s)", flush=True)
+            curves[run.label] = []
+            for seed in range(seeds):
+                start = time.monotonic()
+                curves[run.label].append(run_one(recipe, run, steps, seed))
+                print(f"[report] {figure.name}: {run.label} (seed {seed}): {curves[run.label][-1][-1:]} "
+                      f"({time.monotonic() - start:.0f} s)", flush=True)
+        summary = {label: summarise(runs) for label, runs in curves.items()}
         plot(figure, curves, out / f"{figure.name}.png")
-        (out / f"{figure.name}.md").write_text(table(figure, curves) + f"\n![{figure.name}]({figure.name}.png)\n")
-        results[figure.name] = {"grid": grid, "claim": figure.claim, "recipe": figure.recipe, "curves": curves}
+        (out / f"{figure.name}.md").write_text(
+            table(figure, summary, seeds) + f"\n![{figure.name}]({figure.name}.png)\n")
+        results[figure.name] = {
+            "grid": grid,  # steps: the last evaluated server step
+            "steps": max((c[-1][0] for runs in curves.values() for c in runs if c), default=0),
+            "seeds": list(range(seeds)), "claim": figure.claim,
+            "recipe": figure.recipe, "wall_s": round(time.monotonic() - figure_start, 1),
+            "summary": summary, "curves": curves}
         (out / f"{figure.name}.json").write_text(json.dumps(results[figure.name], indent=1))
     return results
 
@@ -198,14 +291,18 @@ def report(grid: str = "small", out: str | Path = "docs/report", recipes: Path =
 def main(args: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lightning-byz report", description=__doc__.splitlines()[0])
     parser.add_argument("--grid", choices=GRIDS, default="small",
-                        help="tiny: 2 runs of 6 steps (tests); small: every figure, 150 steps a run; "
-                             "full: every figure, the offline recipes' own steps")
+                        help="tiny: 2 figures of 2 runs, 6 steps each (tests); small: every figure, a cut "
+                             "of its runs; full: every run (small and full: the offline recipes' own steps)")
     parser.add_argument("--out", default="docs/report", help="output directory (default docs/report)")
     parser.add_argument("--recipes", type=Path, default=RECIPES, help="directory of the *-offline.yaml recipes")
     parser.add_argument("--only", nargs="+", metavar="FIGURE", help="run only these figures")
+    parser.add_argument("--seeds", type=int, default=1, metavar="K",
+                        help="run every variant with seeds 0..K-1; plot the mean and min-max band (default 1)")
+    parser.add_argument("--steps", type=int, metavar="N",
+                        help="server steps per run, with 6 validations (default: the grid's)")
     opts = parser.parse_args(args)
     try:
-        report(opts.grid, opts.out, opts.recipes, opts.only)
+        report(opts.grid, opts.out, opts.recipes, opts.only, opts.seeds, opts.steps)
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
     print(f"report written to {opts.out}")

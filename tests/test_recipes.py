@@ -14,7 +14,8 @@ import yaml
 from lightning_byz import AsyncPSStrategy
 from lightning_byz.aggregators.base import Aggregator
 from lightning_byz.cli import main, run_cli
-from lightning_byz.faults import ByzantineWorkers
+from lightning_byz.faults import NonlinearAugmentation, PacketLoss
+from lightning_byz.faults.common import WorkerFault
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
 ROOT = RECIPES[0].parent.parent
@@ -22,7 +23,8 @@ ROOT = RECIPES[0].parent.parent
 
 def test_recipes_exist():
     names = {r.stem for r in RECIPES}
-    for seed in ("quickstart", "mnist_async_weighted", "mnist_ctma", "cifar10_mu2sgd", "cifar10_flag"):
+    for seed in ("quickstart", "mnist_async_weighted", "mnist_ctma", "cifar10_mu2sgd", "cifar10_flag",
+                 "cifar10_flag_packet_loss", "cifar10_flag_augmentation", "cifar10_flag_lambda"):
         assert seed in names
         assert seed == "quickstart" or f"{seed}-offline" in names
 
@@ -37,20 +39,44 @@ def test_print_config(recipe, capsys):
     assert config["seed_everything"] == 0
 
 
+def faults(cli) -> list[WorkerFault]:
+    return [cb for cb in cli.trainer.callbacks if isinstance(cb, WorkerFault)]
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda r: r.stem)
 def test_instantiates(recipe):
     cli = run_cli(["--config", str(recipe)], run=False)
     strategy = cli.trainer.strategy
     assert isinstance(strategy, AsyncPSStrategy) and strategy.transport == "simulated"
     assert isinstance(strategy.aggregator, Aggregator)
-    declared = yaml.safe_load(recipe.read_text())["trainer"]["strategy"]["init_args"]
+    config = yaml.safe_load(recipe.read_text())["trainer"]
+    declared = config["strategy"]["init_args"]
     assert strategy.num_workers == declared["num_workers"]
     if "lam" in (declared.get("aggregator_kwargs") or {}):
         assert strategy.aggregator.lam == declared["aggregator_kwargs"]["lam"]
-    attacks = [cb for cb in cli.trainer.callbacks if isinstance(cb, ByzantineWorkers)]
-    assert len(attacks) == 1 and max(attacks[0].workers) <= strategy.num_workers
+    built = faults(cli)
+    assert [type(f).__name__ for f in built] == [c["class_path"].rsplit(".", 1)[1] for c in config["callbacks"]]
+    assert all(max(f.workers) <= strategy.num_workers for f in built)
     if recipe.stem.endswith("-offline") or recipe.stem == "quickstart":
         assert type(cli.datamodule).__name__ == "OfflineMNISTDataModule"
+
+
+def test_flag_fault_recipes_follow_the_paper():
+    """FA paper: 10% loss on 3 of 15 links (Fig. 6a), augmented data on 3 of 15 workers (Fig. 7),
+    the λ sweep at p = 7, f = 1 (Fig. 8); offline variants keep the workers and faults."""
+    for variant in ("", "-offline"):
+        loss = run_cli(["--config", str(ROOT / "recipes" / f"cifar10_flag_packet_loss{variant}.yaml")], run=False)
+        (fault,) = faults(loss)
+        assert isinstance(fault, PacketLoss) and fault.rate == 0.1 and len(fault.workers) == 3
+        assert loss.trainer.strategy.num_workers == 15 and loss.trainer.strategy.mode == "sync"
+        aug = run_cli(["--config", str(ROOT / "recipes" / f"cifar10_flag_augmentation{variant}.yaml")], run=False)
+        (fault,) = faults(aug)
+        assert isinstance(fault, NonlinearAugmentation) and fault.map_kind == "lotka_volterra"
+        assert len(fault.workers) == 3 and aug.trainer.strategy.num_workers == 15
+        lam = run_cli(["--config", str(ROOT / "recipes" / f"cifar10_flag_lambda{variant}.yaml"),
+                       "--trainer.strategy.init_args.aggregator_kwargs={lam: 7}"], run=False)
+        assert lam.trainer.strategy.num_workers == 7 and lam.trainer.strategy.aggregator.lam == 7.0
+        assert [(type(f).__name__, f.workers) for f in faults(lam)] == [("ByzantineWorkers", (7,))]
 
 
 def test_override_reaches_the_strategy():
