@@ -26,7 +26,9 @@ from torch import Tensor
 from lightning_byz.aggregators import coordinate_cpu
 from lightning_byz.aggregators.base import Aggregator, check_lam, combine, register
 
-KERNEL_MAX_N = 128  # the CPU kernel's network grows as n log^2 n; beyond this torch.sort is as fast
+# The CPU kernel's network grows as n log^2 n, yet at n = 128 / 256 / 512 (d = 1e5, weighted median) it
+# still ran 16x / 22x / 17x faster than the torch.sort path; the cap only bounds its per-block buffers.
+KERNEL_MAX_N = 1024
 BLOCK_COLUMNS = 1 << 16  # columns per block of the torch path on CPU: bounds its temporary memory
 
 
