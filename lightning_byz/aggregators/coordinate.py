@@ -9,7 +9,7 @@ classic count-based rule with f exactly.
 
 Two implementations of the same maths: on CPU (up to ``KERNEL_MAX_N`` rows) a fused numba kernel
 (:mod:`~lightning_byz.aggregators.coordinate_cpu`) sorts cache-sized blocks of columns with a Batcher
-network, 2-8x a mean at n = 17 whether weighted or not; elsewhere (CUDA, many rows) ``torch.sort``
+network, 5-12x a mean at n = 17 whether weighted or not; elsewhere (CUDA, many rows) ``torch.sort``
 does the sorting and torch ops the rest. Both use the networks, cut-point snapping and tie rules
 defined here, and the tests hold them to each other.
 """
