@@ -91,15 +91,15 @@ def _median(V, C, half, out, m):
 
 
 @njit(cache=True)
-def _trimmed(V, C, lam, upper, mass, zero, out, m):
-    """Weighted mean of the mass inside [lam, upper = 1 - lam] (``mass`` = 1 - 2 lam), the boundary
-    values fractionally."""
+def _mass_mean(V, C, lower, upper, mass, zero, out, m):
+    """Weighted mean of the sorted weight mass inside [lower, upper], the boundary values fractionally;
+    ``mass`` is upper - lower as the caller rounds it (1 - 2 lam for w-CWTM, as torch computes it)."""
     n = V.shape[0]
     for c in range(m):
         out[c] = 0
     for k in range(n):
         for c in range(m):
-            kept = max(min(C[k + 1, c], upper) - max(C[k, c], lam), zero)
+            kept = max(min(C[k + 1, c], upper) - max(C[k, c], lower), zero)
             out[c] += kept * V[k, c]
     for c in range(m):
         out[c] /= mass
@@ -122,13 +122,7 @@ def _closest_mass(V, W, D, D_bits, C, w0, carry, merge_pairs, center, keep, tol,
             D_bits[k, c] += V[k, c] > center[c]
     _merge_by_distance(D, V, W, carry, merge_pairs, m)
     _cumulate(W, w0, carry, C, (keep, keep), tol, m)
-    for c in range(m):
-        out[c] = 0
-    for k in range(n):
-        for c in range(m):
-            out[c] += max(min(C[k + 1, c], keep) - C[k, c], zero) * V[k, c]
-    for c in range(m):
-        out[c] /= keep
+    _mass_mean(V, C, zero, keep, keep, zero, out, m)
 
 
 @njit(parallel=True, cache=True)
@@ -161,7 +155,7 @@ def coordinate_rule(X, w, carry, sort_pairs, merge_pairs, center, consts, bits, 
         if center == MEDIAN:
             _median(V, C, half, mid, m)
         else:
-            _trimmed(V, C, lam, upper, mass, zero, mid, m)
+            _mass_mean(V, C, lam, upper, mass, zero, mid, m)
         if keep > 0:
             D_bits = np.empty((n, BLOCK), bits.dtype)
             _closest_mass(V, W, D_bits.view(X.dtype), D_bits, C, w[0], carry, merge_pairs, mid, keep, tol, zero,
