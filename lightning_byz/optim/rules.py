@@ -79,7 +79,7 @@ def clone_all(tensors: list[Tensor]) -> list[Tensor]:
 def storm_(d: list[Tensor], grads: list[Tensor], prev_grads: list[Tensor], beta_t: float) -> None:
     """In place: d <- grads + (1 − β_t)(d − prev_grads); ``prev_grads`` is overwritten (scratch).
 
-    Two passes instead of three: E = lerp(prev, g, 1/β) = (g − (1 − β)·prev)/β, then
+    Two foreach kernels (6 array passes) instead of three (8): E = lerp(prev, g, 1/β) = (g − (1 − β)·prev)/β, then
     d <- lerp(d, E, β) = (1 − β)·d + g − (1 − β)·prev. (lerp evaluates a weight >= 1/2 from the
     end point, so the rounding error stays that of the direct formula.)
     """
