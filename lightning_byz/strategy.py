@@ -168,6 +168,11 @@ class AsyncPSStrategy(SingleDeviceStrategy):
             return
         if len(self.optimizers) != 1:
             raise ValueError(f"AsyncPSStrategy trains with exactly one optimizer, got {len(self.optimizers)}")
+        if trainer.accumulate_grad_batches != 1:
+            raise ValueError(
+                f"AsyncPSStrategy sends one batch's gradient per message; accumulate_grad_batches="
+                f"{trainer.accumulate_grad_batches} is not supported (a larger batch size does the same)"
+            )
         self.faults = [cb for cb in trainer.callbacks if isinstance(cb, Fault)]
         for fault in self.faults:
             fault.setup_faults(self.num_workers, self.seed)

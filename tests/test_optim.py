@@ -371,6 +371,38 @@ def test_mu2sgd_learns_mnist_under_lightning_trainer(tmp_path):
     assert acc > 0.8 > chance_acc + 0.5, (acc, chance_acc)
 
 
+def test_gradients_from_outside_the_closure_are_a_clear_error(tmp_path):
+    import lightning as L
+
+    net = make_net()
+    opt = Mu2SGD(net.parameters(), lr=0.1)
+    batches = make_batches(3)
+    for batch in batches[:2]:  # zeroing (in place or to None) between steps is fine
+        opt.step(make_closure(net, opt, batch))
+        opt.zero_grad(set_to_none=False)
+    loss_fn(net, batches[2]).backward()
+    with pytest.raises(ValueError, match="outside its closure"):
+        opt.step(make_closure(net, opt, batches[2]))
+
+    class Regression(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = make_net(dtype=torch.float32)
+
+        def training_step(self, batch, batch_idx):
+            return loss_fn(self.net, batch)
+
+        def configure_optimizers(self):
+            return Mu2SGD(self.parameters(), lr=0.1)
+
+    loader = torch.utils.data.DataLoader(make_batches(4, dtype=torch.float32), batch_size=None)
+    trainer = L.Trainer(max_steps=2, accumulate_grad_batches=2, accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match="accumulate_grad_batches"):
+        trainer.fit(Regression(), loader)
+
+
 def test_param_groups_with_shared_hyperparameters_match_one_group():
     batches = make_batches(4)
     nets = [make_net(), make_net()]

@@ -105,6 +105,12 @@ def test_unsupported_optimizer_is_a_clear_error():
         trainer.fit(_Model(torch.optim.Adam), _loader())
 
 
+def test_gradient_accumulation_is_a_clear_error():
+    trainer = _trainer(AsyncPSStrategy(transport="simulated", num_workers=2), max_steps=2, accumulate_grad_batches=2)
+    with pytest.raises(ValueError, match="accumulate_grad_batches=2 is not supported"):
+        trainer.fit(_Model(), _loader())
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable
 
 import torch
@@ -26,8 +27,10 @@ class Mu2SGD(torch.optim.Optimizer):
     the closure twice on the same batch: first at x_{t−1} (with the random-number state forked, so
     dropout draws the same masks at both points), then at x_t. It returns the loss at x_t and leaves
     g(x_t; z_t) (without weight decay) in ``.grad``. Gradients are cleared before each evaluation, so
-    gradient accumulation across calls is not supported; a parameter without gradient counts as a
-    zero gradient. Training-step side effects (logging, BatchNorm statistics) happen twice per step.
+    gradient accumulation is not supported: gradients found at entry that the previous step did not
+    leave (a ``backward`` outside the closure, Lightning's ``accumulate_grad_batches > 1``) raise
+    ``ValueError`` instead of being dropped. A parameter without gradient counts as a zero gradient.
+    Training-step side effects (logging, BatchNorm statistics) happen twice per step.
 
     State per parameter: ``step`` (t), ``d`` (d_t), ``w`` (the AnyTime anchor), ``prev`` (x_t after
     the step, which is x_{t−1} of the next one). To evaluate at x_{t−1} a parameter's ``.data`` is
@@ -39,6 +42,11 @@ class Mu2SGD(torch.optim.Optimizer):
                  weight_decay: float = 0.0) -> None:
         defaults = dict(lr=lr, beta=beta, gamma=gamma, schedule=schedule, weight_decay=weight_decay)
         super().__init__(params, defaults)
+        self._grads_left: list[tuple[weakref.ref, int] | None] = []  # each .grad (and its version) after the last step
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._grads_left = []
 
     def add_param_group(self, param_group: dict) -> None:
         group = {**self.defaults, **param_group}  # validate before the group joins
@@ -67,6 +75,7 @@ class Mu2SGD(torch.optim.Optimizer):
                 "under Lightning use automatic optimization without 16-mixed precision)"
             )
         params = [p for group in self.param_groups for p in group["params"]]
+        self._check_no_foreign_gradients(params)
         t = self.state[params[0]].get("step", 0) + 1
         if t == 1:
             loss, grads = self._evaluate(closure, params)
@@ -99,4 +108,19 @@ class Mu2SGD(torch.optim.Optimizer):
             rules.anytime_step_(x, w, d, group["lr"], *rules.anytime_weights(group["schedule"], group["gamma"], t))
             for s, d_i, w_i, prev_i in zip(state, d, w, x_prev):
                 s.update(step=t, d=d_i, w=w_i, prev=prev_i)
+        self._grads_left = [None if p.grad is None else (weakref.ref(p.grad), p.grad._version) for p in params]
         return loss
+
+    def _check_no_foreign_gradients(self, params: list[Tensor]) -> None:
+        """Raise if a parameter holds a gradient this optimizer did not leave there (a new tensor, or
+        the old one changed in place to anything but zeros): step would drop it."""
+        for i, p in enumerate(params):
+            g, left = p.grad, self._grads_left[i] if i < len(self._grads_left) else None
+            if g is None or (left is not None and left[0]() is g and (g._version == left[1] or not g.any())):
+                continue
+            raise ValueError(
+                "Mu2SGD.step found gradients computed outside its closure (a backward() before step, or "
+                "Lightning's accumulate_grad_batches > 1): it evaluates the gradients at x_t and x_{t-1} on "
+                "the same batch itself and would drop them. Call backward only inside the closure, and use "
+                "a larger batch instead of gradient accumulation."
+            )
