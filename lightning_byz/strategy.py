@@ -17,6 +17,7 @@ import logging
 import time
 import warnings
 from collections import deque
+from functools import partial
 from typing import Any, Callable, Sequence
 
 import lightning.pytorch as pl
@@ -168,6 +169,11 @@ class AsyncPSStrategy(SingleDeviceStrategy):
             return
         if len(self.optimizers) != 1:
             raise ValueError(f"AsyncPSStrategy trains with exactly one optimizer, got {len(self.optimizers)}")
+        if getattr(self.precision_plugin, "scaler", None) is not None:
+            raise ValueError(
+                "AsyncPSStrategy does not support loss scaling (precision='16-mixed'): workers would send "
+                "scaled gradients; use precision='bf16-mixed' or '32-true'"
+            )
         if trainer.accumulate_grad_batches != 1:
             raise ValueError(
                 f"AsyncPSStrategy sends one batch's gradient per message; accumulate_grad_batches="
@@ -206,7 +212,10 @@ class AsyncPSStrategy(SingleDeviceStrategy):
     def optimizer_step(self, optimizer, closure: Callable[[], Any], model=None, **kwargs: Any) -> Any:
         if self._role is None:
             raise RuntimeError("AsyncPSStrategy.optimizer_step outside of fit")
-        return self._role.optimizer_step(closure)
+        # As Precision.optimizer_step does: after each gradient evaluation, on_before_optimizer_step
+        # hooks and gradient clipping (gradient_clip_val), so every worker's gradient is clipped.
+        wrapped = partial(self.precision_plugin._wrap_closure, model or self.lightning_module, optimizer, closure)
+        return self._role.optimizer_step(wrapped)
 
     def on_train_end(self) -> None:
         if self._role is not None:

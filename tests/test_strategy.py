@@ -11,6 +11,7 @@ import torch
 
 from lightning_byz import AsyncPSStrategy
 from lightning_byz.faults import Crash
+from lightning_byz.optim import Mu2SGD
 from lightning_byz.transport.simulated import ArrivalClock, arrival_probabilities
 
 from conftest import SCRIPTS
@@ -108,6 +109,43 @@ def test_unsupported_optimizer_is_a_clear_error():
 def test_gradient_accumulation_is_a_clear_error():
     trainer = _trainer(AsyncPSStrategy(transport="simulated", num_workers=2), max_steps=2, accumulate_grad_batches=2)
     with pytest.raises(ValueError, match="accumulate_grad_batches=2 is not supported"):
+        trainer.fit(_Model(), _loader())
+
+
+@pytest.mark.parametrize("optimizer, evaluations", [(torch.optim.SGD, 10), (Mu2SGD, 18)])
+def test_gradient_clipping_and_hooks_apply_to_every_worker_gradient(optimizer, evaluations):
+    """Sync, 2 workers, 5 rounds: on_before_optimizer_step runs after each gradient evaluation (10;
+    STORM adds one at x_{t-1} from each worker's second step on: 18) and gradient_clip_val clips
+    each, so with the mean one SGD step moves the parameters by at most lr·clip."""
+    lr, clip = 0.1, 1e-3  # _Model's lr
+
+    def run_steps(**kw) -> tuple[float, int]:
+        torch.manual_seed(0)
+        model, moves, hooks = _Model(optimizer), [], []
+        params = lambda: torch.cat([p.detach().flatten().clone() for p in model.parameters()])  # noqa: E731
+        record = L.pytorch.callbacks.LambdaCallback(
+            on_train_batch_start=lambda *a: moves.append(params()),
+            on_train_batch_end=lambda *a: moves.append((params() - moves.pop()).norm().item()),
+            on_before_optimizer_step=lambda *a: hooks.append(1),
+        )
+        strategy = AsyncPSStrategy(transport="simulated", num_workers=2, aggregator="mean", mode="sync")
+        _trainer(strategy, max_steps=5, callbacks=[record], **kw).fit(model, _loader())
+        return max(moves), len(hooks)
+
+    clipped, calls = run_steps(gradient_clip_val=clip)
+    unclipped, _ = run_steps()
+    assert calls == evaluations
+    assert clipped < 0.01 * unclipped
+    if optimizer is torch.optim.SGD:
+        assert clipped <= lr * clip * (1 + 1e-5)
+
+
+def test_loss_scaling_is_a_clear_error():
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    plugin = MixedPrecision("16-mixed", device="cpu", scaler=torch.amp.GradScaler("cpu"))
+    trainer = _trainer(AsyncPSStrategy(transport="simulated", num_workers=2), max_steps=2, plugins=[plugin])
+    with pytest.raises(ValueError, match="loss scaling"):
         trainer.fit(_Model(), _loader())
 
 
