@@ -68,12 +68,13 @@ def test_cwmed_survives_packet_loss_on_three_links():
 
 @pytest.mark.mpi
 def test_faults_under_mpirun(tmp_path):
-    """1 server + 3 workers: worker 1 sign flip (−v), 10% packet loss on worker 2's link."""
+    """1 server + 3 workers in sync rounds: worker 1 sign flip (−v), 10% packet loss on worker 2's link."""
     out = tmp_path / "result"
     job = launch(3, [str(SCRIPTS / "faults_mpi.py"), "--out", str(out)], timeout=280,
                  capture_output=True)
     assert job.returncode == 0, job.stderr[-3000:]
     ranks = {r: json.loads((tmp_path / f"result.{r}").read_text()) for r in range(4)}
+    assert ranks[0]["counts"] == [500, 500, 500]
     assert ranks[0]["acc"] > 0.80, ranks[0]
     assert ranks[1]["metrics"]["byzantine/messages_attacked"] > 0
     assert ranks[3]["metrics"] == {}
