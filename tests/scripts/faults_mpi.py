@@ -6,8 +6,8 @@ writes its test accuracy and its fault counters (worker-side counters live on th
 ``PREFIX.<rank>``, the server also its per-worker arrival counts.
 
 Sync rounds give the attacker exactly 1/3 of the weight and make the run deterministic. In async
-mode the schedule decides: the attacker (rank 1) arrived 35–38% of the time over
-ten runs and the accuracy ranged 0.69–0.88.
+mode the schedule decides: the attacker (rank 1) arrived 35–38% of the time (six runs) and
+the accuracy ranged 0.69–0.88 (ten runs).
 """
 
 from __future__ import annotations
