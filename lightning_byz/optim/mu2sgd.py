@@ -42,7 +42,7 @@ class Mu2SGD(torch.optim.Optimizer):
                  weight_decay: float = 0.0) -> None:
         defaults = dict(lr=lr, beta=beta, gamma=gamma, schedule=schedule, weight_decay=weight_decay)
         super().__init__(params, defaults)
-        self._grads_left: list[tuple[weakref.ref, int] | None] = []  # each .grad (and its version) after the last step
+        self._grads_left: list[tuple[weakref.ref, int] | None] = []  # (.grad, its version) after the last step
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
