@@ -279,8 +279,8 @@ def report(grid: str = "small", out: str | Path = "docs/report", recipes: Path =
         (out / f"{figure.name}.md").write_text(
             table(figure, summary, seeds) + f"\n![{figure.name}]({figure.name}.png)\n")
         results[figure.name] = {
-            "grid": grid,  # steps: the last evaluated server step
-            "steps": max((c[-1][0] for runs in curves.values() for c in runs if c), default=0),
+            "grid": grid,
+            "steps": max((c[-1][0] for runs in curves.values() for c in runs if c), default=0),  # last evaluated
             "seeds": list(range(seeds)), "claim": figure.claim,
             "recipe": figure.recipe, "wall_s": round(time.monotonic() - figure_start, 1),
             "summary": summary, "curves": curves}

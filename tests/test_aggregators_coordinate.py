@@ -194,7 +194,7 @@ def test_uniform_lam_f_over_n_is_the_classic_rule(name, n):
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 7, 8, 11, 17])
-def test_uniform_fast_path_keeps_any_count_even_dropping_more_than_half(n):
+def test_uniform_weights_keep_any_count_even_dropping_more_than_half(n):
     """keep = k/n with uniform weights against the brute-force reference for every k,
     in particular k < n/2 (Bulyan drops 4 of 7 at n = 11, f = 2): median centre on tied integer
     values, trimmed centre on continuous ones (its rounded centre may split exact ties, so skip the
