@@ -56,10 +56,11 @@ def test_checkpoint_and_resume_continue_training(run_mpi, tmp_path):
     ckpt = tmp_path / "ckpt"
     _, first = run_mpi(3, "--steps", "200", "--ckpt-dir", str(ckpt))
     assert (ckpt / "last.ckpt").exists()
-    _, resumed = run_mpi(3, "--steps", "300", "--resume", str(ckpt / "last.ckpt"))
-    assert resumed[0]["global_step"] == 300
-    assert sum(resumed[0]["counts"]) == 300  # counts came back from the checkpoint
-    assert resumed[0]["version"] == 300
+    # 200 more updates: at 300 in all the async schedule left the accuracy at 0.83-0.89 over five runs
+    _, resumed = run_mpi(3, "--steps", "400", "--resume", str(ckpt / "last.ckpt"))
+    assert resumed[0]["global_step"] == 400
+    assert sum(resumed[0]["counts"]) == 400  # counts came back from the checkpoint
+    assert resumed[0]["version"] == 400
     assert resumed[0]["acc"] >= 0.85
 
 
