@@ -1,18 +1,42 @@
-"""Byzantine workers: the attacks of both seeds, as one callback.
+"""Byzantine workers: the attacks of both seeds and those a reviewer would try, as one callback.
+
+Worker-side attacks, on the vector v a Byzantine worker is about to send:
 
 - ``label_flip`` (data level): labels y -> C − 1 − y on the Byzantine workers' batches.
 - ``sign_flip``: the worker sends −scale·v instead of its vector v.
 - ``random``: the worker sends i.i.d. Gaussian entries of std ``scale`` (FA's random gradients).
 - ``drop``: the worker sends nothing (the hook returns ``None``).
-- ``alie`` ("a little is enough", Baruch et al., NeurIPS 2019): every Byzantine row becomes
-  μ − z·σ, μ and σ the per-coordinate weighted mean and standard deviation of the honest rows.
-  Unless given, z = Φ⁻¹((n − s)/n) with s = ⌊n/2 + 1⌋ − f (their §4, n workers, f Byzantine).
-- ``ipm`` ("fall of empires", inner-product manipulation, Xie et al., UAI 2019): every Byzantine row
-  becomes −eps·μ (eps = 0.1 as in Dahan & Levy's "empire").
 
-The omniscient attacks (alie, ipm) run in the server's attack slot over the latest vector of each
-worker, weighted as the server weighs them (async: s_i / Σ s_j), so they use the WEIGHTED honest
-statistics; σ² = Σ w_i (x_i − μ)² / Σ w_i over honest rows (the population form).
+Omniscient attacks, which replace every Byzantine row with one malicious vector m computed from the
+honest rows (μ and σ their per-coordinate weighted mean and standard deviation):
+
+- ``alie`` ("a little is enough", Baruch et al., NeurIPS 2019): m = μ − z·σ. Unless given,
+  z = Φ⁻¹((n − s)/n) with s = ⌊n/2 + 1⌋ − f (their §4, n workers, f Byzantine).
+- ``ipm`` ("fall of empires", inner-product manipulation, Xie et al., UAI 2019): m = −eps·μ
+  (eps = 0.1 as in Dahan & Levy's "empire").
+- ``min_max`` / ``min_sum`` (Shejwalkar & Houmansadr, "Manipulating the Byzantine: Optimizing Model
+  Poisoning Attacks and Defenses for Federated Learning", NDSS 2021, the AGR-agnostic attacks of
+  their §IV): m = μ + γ·p with p = −μ/‖μ‖ (``perturbation="unit"``, their default), −σ (``"std"``)
+  or −sign(μ) (``"sign"``), and γ the largest value such that the largest distance of m to an
+  honest row (min_max) is at most the largest distance between two honest rows, or the weighted sum
+  of squared distances of m to the honest rows (min_sum) is at most the largest such sum of an
+  honest row. Their Algorithm 1 searches γ by halving steps; both constraints are quadratic in γ,
+  so γ is computed exactly here (the limit of that search): see :func:`min_max_gamma` and
+  :func:`min_sum_gamma`.
+- ``mimic`` (Karimireddy, He & Jaggi, "Byzantine-Robust Learning on Heterogeneous Datasets via
+  Bucketing", ICLR 2022, §5): m is one honest worker's vector, ``target_worker`` if given, else the
+  honest row farthest from μ along the top principal direction of the honest rows (the worker that
+  adds the most variance in that direction; see :func:`mimic_index`). Their attacker fixes that
+  worker after a warm-up; this choice is made afresh at each update (pass ``target_worker`` to fix
+  it).
+
+``scale`` makes magnitude-scaled variants of the omniscient attacks: m = μ + scale·(m − μ), so
+scale = 1 (the default) is the paper's attack and scale = 0 sends the honest mean.
+
+The omniscient attacks run in the server's attack slot over the latest vector of each worker,
+weighted as the server weighs them (async: s_i / Σ s_j), so they use the WEIGHTED honest
+statistics; σ² = Σ w_i (x_i − μ)² / Σ w_i over honest rows (the population form), and honest rows
+of weight 0 count as absent. Distances and principal directions are computed in float64.
 
 The Byzantine fraction λ of the updates the server receives is not set here: in simulated mode it
 follows from the arrival schedule, see :mod:`lightning_byz.faults.schedule`.
@@ -28,10 +52,13 @@ import torch
 from torch import Tensor
 
 from lightning_byz.faults.batch import get_field, replace_field
-from lightning_byz.faults.common import WorkerFault
+from lightning_byz.faults.common import WorkerFault, check_worker_ids
 
-ATTACKS = ("label_flip", "sign_flip", "random", "drop", "alie", "ipm")
-OMNISCIENT = ("alie", "ipm")
+ATTACKS = (
+    "label_flip", "sign_flip", "random", "drop", "alie", "ipm", "min_max", "min_sum", "mimic"
+)
+OMNISCIENT = ("alie", "ipm", "min_max", "min_sum", "mimic")
+PERTURBATIONS = ("unit", "std", "sign")
 
 
 def alie_z(num_workers: int, num_byzantine: int) -> float:
@@ -54,6 +81,70 @@ def weighted_mean_std(vectors: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]
     return mean, var.sqrt()
 
 
+def centered(rows: Tensor, mean: Tensor) -> Tensor:
+    """The rows minus their mean, in float64 (distances and Gram matrices are taken from these)."""
+    return rows.to(torch.float64) - mean.to(torch.float64)
+
+
+def perturbation_direction(kind: str, mean: Tensor, std: Tensor) -> Tensor:
+    """Shejwalkar & Houmansadr's perturbation p: −μ/‖μ‖ ("unit"), −σ ("std") or −sign(μ) ("sign");
+    zero where it is undefined (μ = 0 for "unit")."""
+    if kind == "std":
+        return -std
+    if kind == "sign":
+        return -mean.sign()
+    norm = torch.linalg.vector_norm(mean, dtype=torch.float64).item()
+    return -mean / norm if norm > 0 else torch.zeros_like(mean)
+
+
+def min_max_gamma(centered: Tensor, p: Tensor) -> float:
+    """The largest γ >= 0 with max_i ‖μ + γp − x_i‖ <= max_ij ‖x_i − x_j‖ (``centered``: rows x_i − μ).
+
+    With c_i = x_i − μ the constraint of row i is γ²‖p‖² − 2γ⟨c_i, p⟩ + ‖c_i‖² − D² <= 0 (D the
+    largest honest distance). γ = 0 satisfies it (μ lies in the rows' convex hull), so each row
+    allows γ up to the larger root of its quadratic; γ is the smallest of those roots.
+    """
+    a = p.dot(p)
+    if a <= 0:
+        return 0.0
+    gram = centered @ centered.T
+    norms = gram.diagonal()
+    largest = (norms[:, None] + norms[None, :] - 2 * gram).max()
+    b = centered @ p
+    c = (norms - largest).clamp_max(0)  # <= 0 in exact arithmetic
+    s = (b.square() - a * c).sqrt()
+    # larger root (b + s)/a, written without cancellation when b < 0
+    roots = torch.where(b >= 0, (b + s) / a, -c / (s - b))
+    return roots.min().item()
+
+
+def min_sum_gamma(centered: Tensor, p: Tensor) -> float:
+    """The largest γ >= 0 with Σ_j w_j ‖μ + γp − x_j‖² <= max_i Σ_j w_j ‖x_i − x_j‖².
+
+    μ being the weighted mean, Σ_j w_j ‖y − x_j‖² = ‖y − μ‖² + V for any y (V = Σ_j w_j ‖x_j − μ‖²,
+    weights summing to 1), so the constraint reads γ²‖p‖² <= max_i ‖x_i − μ‖².
+    """
+    a = p.dot(p)
+    if a <= 0:
+        return 0.0
+    return (centered.square().sum(1).max() / a).sqrt().item()
+
+
+def mimic_index(centered: Tensor, weights: Tensor) -> int:
+    """The row (first on ties) with the largest |⟨x_i − μ, u⟩|, u the top eigenvector of the
+    weighted covariance Σ_j w_j (x_j − μ)(x_j − μ)ᵀ.
+
+    Computed in the k-dimensional row space: with B = diag(√w)·C (C the centered rows), u ∝ Bᵀv for
+    v the top eigenvector of B Bᵀ, so the projections are ∝ C Cᵀ (√w ⊙ v). The absolute value makes
+    the choice independent of the eigenvector's sign.
+    """
+    root = (weights / weights.sum()).sqrt()
+    gram = centered @ centered.T
+    _, eigenvectors = torch.linalg.eigh(root[:, None] * gram * root[None, :])
+    projections = gram @ (root * eigenvectors[:, -1])
+    return int(projections.abs().argmax())
+
+
 class ByzantineWorkers(WorkerFault):
     """Make ``workers`` Byzantine with ``attack`` (one of :data:`ATTACKS`).
 
@@ -61,9 +152,13 @@ class ByzantineWorkers(WorkerFault):
         workers: worker ids (1..num_workers).
         attack: the attack's name.
         num_classes: C for ``label_flip`` (required there).
-        scale: factor of ``sign_flip``, standard deviation of ``random``.
+        scale: factor of ``sign_flip``, standard deviation of ``random``; for the omniscient
+            attacks the malicious vector becomes μ + scale·(m − μ) (1: the paper's attack).
         z: ALIE's z; default Baruch et al.'s z_max for n = num_workers, f = len(workers).
         eps: IPM's ε.
+        perturbation: min_max/min_sum's direction, one of :data:`PERTURBATIONS`.
+        target_worker: the honest worker whose vector ``mimic`` copies; default: chosen at each
+            update by :func:`mimic_index`. While it has not been heard from, rows are left as sent.
         target_key: where the labels are in a batch (position in a tuple/list, or a dict key).
     """
 
@@ -77,6 +172,8 @@ class ByzantineWorkers(WorkerFault):
         scale: float = 1.0,
         z: float | None = None,
         eps: float = 0.1,
+        perturbation: str = "unit",
+        target_worker: int | None = None,
         target_key: int | str = 1,
     ) -> None:
         super().__init__(workers)
@@ -90,15 +187,32 @@ class ByzantineWorkers(WorkerFault):
             raise ValueError(f"alie: z must be finite, got {z}")
         if not math.isfinite(eps):
             raise ValueError(f"ipm: eps must be finite, got {eps}")
+        if perturbation not in PERTURBATIONS:
+            raise ValueError(
+                f"unknown perturbation {perturbation!r}; choose one of {', '.join(PERTURBATIONS)}"
+            )
+        if target_worker is not None:
+            (target_worker,) = check_worker_ids([target_worker], "mimic: target_worker")
+            if target_worker in self.workers:
+                raise ValueError(
+                    f"mimic: target_worker {target_worker} is Byzantine; it must be an honest worker"
+                )
         self.attack = attack
         self.num_classes = num_classes
         self.scale = float(scale)
         self.eps = float(eps)
+        self.perturbation = perturbation
+        self.target_worker = target_worker
         self.target_key = target_key
         self.z = z
 
     def setup_faults(self, num_workers: int, seed: int) -> None:
         super().setup_faults(num_workers, seed)
+        if self.target_worker is not None and self.target_worker > num_workers:
+            raise ValueError(
+                f"mimic: target_worker {self.target_worker} out of range; worker ids are "
+                f"1..{num_workers}"
+            )
         if self.attack == "alie" and self.z is None:
             self.z = alie_z(num_workers, len(self.workers))
 
@@ -128,20 +242,45 @@ class ByzantineWorkers(WorkerFault):
     def server_attack(self, vectors: Tensor, weights: Tensor, workers: Tensor) -> Tensor:
         if self.attack not in OMNISCIENT:
             return vectors
-        ids = torch.tensor(self.workers, device=vectors.device)
-        byzantine = torch.isin(workers.to(vectors.device), ids)
-        honest = ~byzantine
+        device = vectors.device
+        workers, weights = workers.to(device), weights.to(device)
+        byzantine = torch.isin(workers, torch.tensor(self.workers, device=device))
+        honest = ~byzantine & (weights > 0)
         if not byzantine.any() or not honest.any():
             return vectors
-        honest_weights = weights.to(vectors.device)[honest]
-        if honest_weights.sum() <= 0:
+        row = self.malicious_vector(vectors[honest], weights[honest], workers[honest])
+        if row is None:
             return vectors
-        mean, std = weighted_mean_std(vectors[honest], honest_weights)
+        self.counts["server_attacks"] += 1
+        return torch.where(byzantine[:, None], row[None, :], vectors)
+
+    def malicious_vector(self, honest: Tensor, weights: Tensor, workers: Tensor) -> Tensor | None:
+        """The vector every Byzantine row becomes, from the ``honest`` rows (weights > 0) of
+        ``workers``; ``None`` when mimic's target has not been heard from."""
+        mean, std = weighted_mean_std(honest, weights)
         if self.attack == "alie":
             if self.z is None:
                 raise ValueError("alie: z unknown; call setup_faults(num_workers, seed) or pass z=")
             row = mean - self.z * std
-        else:
+        elif self.attack == "ipm":
             row = -self.eps * mean
-        self.counts["server_attacks"] += 1
-        return torch.where(byzantine[:, None], row[None, :], vectors)
+        elif self.attack == "mimic":
+            index = self.mimic_row(honest, mean, weights, workers)
+            if index is None:
+                return None
+            row = honest[index]
+        else:
+            p = perturbation_direction(self.perturbation, mean, std)
+            gamma_of = min_max_gamma if self.attack == "min_max" else min_sum_gamma
+            row = mean + gamma_of(centered(honest, mean), p.to(torch.float64)) * p
+        if self.scale != 1.0:
+            row = mean + self.scale * (row - mean)
+        return row
+
+    def mimic_row(self, honest: Tensor, mean: Tensor, weights: Tensor, workers: Tensor) -> int | None:
+        """Index of the honest row mimic copies: ``target_worker``'s (``None`` if absent), else
+        :func:`mimic_index`'s choice."""
+        if self.target_worker is None:
+            return mimic_index(centered(honest, mean), weights.to(torch.float64))
+        matches = torch.nonzero(workers == self.target_worker).flatten()
+        return int(matches[0]) if len(matches) else None
