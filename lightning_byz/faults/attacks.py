@@ -20,15 +20,16 @@ honest rows (μ and σ their per-coordinate weighted mean and standard deviation
   or −sign(μ) (``"sign"``), and γ the largest value such that the largest distance of m to an
   honest row (min_max) is at most the largest distance between two honest rows, or the weighted sum
   of squared distances of m to the honest rows (min_sum) is at most the largest such sum of an
-  honest row. Their Algorithm 1 searches γ by halving steps; both constraints are quadratic in γ,
-  so γ is computed exactly here (the limit of that search): see :func:`min_max_gamma` and
-  :func:`min_sum_gamma`.
+  honest row (the paper's Eq. 4; their released code bounds min-sum by the smallest such sum).
+  Their Algorithm 1 searches γ by halving steps from γ_init; both constraints are quadratic in γ,
+  so γ is computed exactly here (what that search converges to, with no cap at 2·γ_init): see
+  :func:`min_max_gamma` and :func:`min_sum_gamma`. σ for ``"std"`` is the weighted σ below.
 - ``mimic`` (Karimireddy, He & Jaggi, "Byzantine-Robust Learning on Heterogeneous Datasets via
   Bucketing", ICLR 2022, §5): m is one honest worker's vector, ``target_worker`` if given, else the
   honest row farthest from μ along the top principal direction of the honest rows (the worker that
-  adds the most variance in that direction; see :func:`mimic_index`). Their attacker fixes that
-  worker after a warm-up; this choice is made afresh at each update (pass ``target_worker`` to fix
-  it).
+  adds the most variance in that direction; see :func:`mimic_index`). Their attacker estimates the
+  direction online during a warm-up and then fixes the worker; here the direction is exact for the
+  current honest rows and the choice is made afresh at each update (``target_worker`` fixes it).
 
 ``scale`` makes magnitude-scaled variants of the omniscient attacks: m = μ + scale·(m − μ), so
 scale = 1 (the default) is the paper's attack and scale = 0 sends the honest mean.
@@ -81,7 +82,7 @@ def weighted_mean_std(vectors: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]
     return mean, var.sqrt()
 
 
-def centered(rows: Tensor, mean: Tensor) -> Tensor:
+def centered_rows(rows: Tensor, mean: Tensor) -> Tensor:
     """The rows minus their mean, in float64 (distances and Gram matrices are taken from these)."""
     return rows.to(torch.float64) - mean.to(torch.float64)
 
@@ -272,7 +273,7 @@ class ByzantineWorkers(WorkerFault):
         else:
             p = perturbation_direction(self.perturbation, mean, std)
             gamma_of = min_max_gamma if self.attack == "min_max" else min_sum_gamma
-            row = mean + gamma_of(centered(honest, mean), p.to(torch.float64)) * p
+            row = mean + gamma_of(centered_rows(honest, mean), p.to(torch.float64)) * p
         if self.scale != 1.0:
             row = mean + self.scale * (row - mean)
         return row
@@ -281,6 +282,6 @@ class ByzantineWorkers(WorkerFault):
         """Index of the honest row mimic copies: ``target_worker``'s (``None`` if absent), else
         :func:`mimic_index`'s choice."""
         if self.target_worker is None:
-            return mimic_index(centered(honest, mean), weights.to(torch.float64))
+            return mimic_index(centered_rows(honest, mean), weights.to(torch.float64))
         matches = torch.nonzero(workers == self.target_worker).flatten()
         return int(matches[0]) if len(matches) else None
