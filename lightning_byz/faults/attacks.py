@@ -157,10 +157,10 @@ class ByzantineWorkers(WorkerFault):
             attacks the malicious vector becomes μ + scale·(m − μ) (1: the paper's attack).
         z: ALIE's z; default Baruch et al.'s z_max for n = num_workers, f = len(workers).
         eps: IPM's ε.
+        target_key: where the labels are in a batch (position in a tuple/list, or a dict key).
         perturbation: min_max/min_sum's direction, one of :data:`PERTURBATIONS`.
         target_worker: the honest worker whose vector ``mimic`` copies; default: chosen at each
             update by :func:`mimic_index`. While it has not been heard from, rows are left as sent.
-        target_key: where the labels are in a batch (position in a tuple/list, or a dict key).
     """
 
     kind = "byzantine"
@@ -173,9 +173,9 @@ class ByzantineWorkers(WorkerFault):
         scale: float = 1.0,
         z: float | None = None,
         eps: float = 0.1,
+        target_key: int | str = 1,
         perturbation: str = "unit",
         target_worker: int | None = None,
-        target_key: int | str = 1,
     ) -> None:
         super().__init__(workers)
         if attack not in ATTACKS:
