@@ -12,7 +12,7 @@ The user-style MLP of ``tests/scripts/user_mlp.py`` (784-64-10, ``torch.optim.SG
 The server validates on 1,000 held-out images every ``--val-every`` updates and stops at
 ``--target`` accuracy. Time to target is the server's training wall time from the start of
 training to the validation that first reached the target, minus the time spent validating.
-Prints both and their ratio (issue 6 target: async at least 2x faster).
+Prints both and their ratio (target: async at least 2x faster, docs/benchmarks.md).
 
     .venv/bin/python benchmarks/async_vs_sync.py [--target 0.85] [--factor 9] [--aggregator mean]
 """

@@ -1,8 +1,8 @@
-"""Optimizer step overhead of μ²-SGD against torch.optim.SGD on a 1.1e7-parameter model (issue 5).
+"""Optimizer step overhead of μ²-SGD against torch.optim.SGD on a 1.1e7-parameter model.
 
 Two measures, candidates run round-robin, best of the repeats (a shared machine only ever adds time):
 
-1. **Training step** (issue 5's metric): ``optimizer.step(closure)`` on the CIFAR ResNet-18 of the
+1. **Training step**: ``optimizer.step(closure)`` on the CIFAR ResNet-18 of the
    recipes (11.2M parameters), closure = zero_grad + forward + cross-entropy + backward on one batch.
    SGD's step runs the closure once; ``Mu2SGD.step`` runs it twice (at x_{t−1}, then at x_t) and the
    time of the extra evaluation at x_{t−1} is subtracted, so both include one gradient evaluation.

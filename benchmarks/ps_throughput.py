@@ -6,8 +6,8 @@ alternates rounds of:
 
 (a) ``raw``: workers send d float32 (+ a 32-byte header), the server answers d float32 to whoever
     arrived (persistent receives + ``Waitany``, ``Isend`` replies); no validation, no aggregation;
-(b) ``ps``: our real server path: :class:`MPIServerTransport` (poll / release / reply),
-    :class:`ParameterServer` (validation, per-worker latest vectors, async weights) with the
+(b) ``ps``: our real server path, the strategy's :class:`~lightning_byz.ps.ServeLoop` over
+    :class:`MPIServerTransport` (validation, per-worker latest vectors, async weights) with the
     ``mean`` aggregator and the plain SGD server rule, workers on :class:`MPIWorkerTransport`
     sending a fixed random vector (no model, no gradient);
 (c) on the server alone, workers idle: ``t_aggregate`` (mean over [n, d] with weights, as the
@@ -15,7 +15,7 @@ alternates rounds of:
 
 Rates are exchanges (updates) per second, best of ``--repeats`` rounds. ``ideal`` is
 1 / (t_exchange + t_aggregate + t_step), t_exchange = 1 / raw rate: the work the server cannot avoid.
-Target (issue 6, DESIGN.md "Benchmarks"): PS/ideal >= 0.70 at d = 1e6.
+Target (docs/benchmarks.md): PS/ideal >= 0.70 at d = 1e6.
 
     .venv/bin/python benchmarks/ps_throughput.py [--d 1e5 1e6 1.1e7] [--workers 4 8] [--seconds 3]
 """
@@ -86,60 +86,39 @@ def _raw_round(comm, d: int, seconds: float) -> float:
 
 
 def _ps_round(comm, d: int, seconds: float) -> float:
-    """Update rate of the real server path (async, mean, SGD), updates/s."""
+    """Update rate of the real server path (the strategy's serve loop: async, mean, SGD), updates/s."""
     import torch
 
     from lightning_byz.aggregators import get_aggregator
     from lightning_byz.optim.split import SGDServer
-    from lightning_byz.server import Message, ParameterServer
-    from lightning_byz.transport.mpi import UP_NOTHING, MPIServerTransport, MPIWorkerTransport
+    from lightning_byz.ps import Message, ParameterServer, ServeLoop
+    from lightning_byz.transport.mpi import MPIServerTransport, MPIWorkerTransport
 
     rank, n = comm.Get_rank(), comm.Get_size() - 1
     if rank == 0:
         params = torch.zeros(d)
-        transport = MPIServerTransport(comm, d, torch.float32, pin=False)
+        transport = MPIServerTransport(comm, d, 0, torch.float32, params.device)
         server = ParameterServer(params, n, get_aggregator("mean"), SGDServer(), lr=lambda: 0.01)
+        loop = ServeLoop(server, transport)
         comm.Barrier()
-        count, stopped, stop_sent = 0, set(), False
+        count = 0
         start = time.perf_counter()
         end = start + seconds
-        while len(stopped) < n:
-            got = transport.poll(timeout=1.0)
-            if got is None:
-                continue
-            worker, header, payload, error = got
-            stop = time.perf_counter() >= end
-            if stop and not stop_sent:
-                elapsed, stop_sent = time.perf_counter() - start, True
-            if stop:  # as the strategy's finish(): final parameters with the stop flag
-                transport.reply(worker, params, None, server.version, stop=True)
-                stopped.add(worker)
-                continue
-            # _MPIServerRole._serve_one, async branch
-            if error is None and int(header[0]) != worker:
-                error = "unknown sender"
-            if error is not None:
-                server.reject(worker, error)
-                due = False
-            else:
-                vector = None if int(header[3]) == UP_NOTHING else payload.to(params.device, non_blocking=True)
-                due = server.receive(Message(worker, int(header[1]), int(header[2]), vector, None))
-            transport.release(worker)
-            if due:
-                server.update()
-                count += 1
-            transport.reply(worker, params, None, server.version)
+        while time.perf_counter() < end:
+            count += loop.serve_one()
+        elapsed = time.perf_counter() - start
+        loop.stop()  # as the strategy's finish(): final parameters with the stop flag
         transport.close(drain=5.0)
         assert not server.rejected, server.rejected
         return count / elapsed
-    transport = MPIWorkerTransport(comm, d, torch.float32, pin=False)
+    transport = MPIWorkerTransport(comm, d, 0, torch.float32)
     vector = torch.randn(d, generator=torch.Generator().manual_seed(rank))
     comm.Barrier()
     step, version = 0, 0
     while True:
-        header, _ = transport.exchange(step, version, vector)
-        version, step = int(header[0]), step + 1
-        if int(header[1]):  # DOWN_STOP
+        reply = transport.exchange(Message(rank, step, version, vector))
+        version, step = reply.version, step + 1
+        if reply.stop:
             return 0.0
 
 

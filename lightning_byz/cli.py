@@ -1,8 +1,8 @@
 """``lightning-byz`` (and ``python -m lightning_byz``): LightningCLI plus ``report`` and ``launch``.
 
-    lightning-byz fit --config recipes/quickstart.yaml          # model, data, trainer from YAML
-    lightning-byz fit --config recipes/quickstart.yaml --print_config
-    lightning-byz launch -n 4 -- fit --config recipes/quickstart.yaml   # 1 server + 4 MPI workers
+    lightning-byz fit --config quickstart                       # a bundled recipe, by name
+    lightning-byz fit --config my_recipe.yaml --print_config    # or any YAML file
+    lightning-byz launch -n 4 -- fit --config quickstart        # 1 server + 4 MPI workers
     lightning-byz report --grid small                           # offline reproduction report
 
 ``fit|validate|test|predict`` are LightningCLI's; the model and data module are given by
@@ -16,24 +16,10 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from lightning.pytorch.cli import LightningCLI
-
-import lightning_byz  # noqa: F401  (registers the "async_ps" strategy name)
+from lightning_byz.config import run_cli
 
 EXTRA = ("report", "launch")
 USAGE = "lightning-byz {fit,validate,test,predict,report,launch} ... (-h for help)"
-
-
-def run_cli(args: Sequence[str] | None = None, run: bool = True) -> LightningCLI:
-    """Build (and by default run) the LightningCLI over ``args`` (default: ``sys.argv``); seeds 0 unless
-    configured."""
-    return LightningCLI(
-        args=None if args is None else list(args),
-        run=run,
-        seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"prog": "lightning-byz"},
-    )
 
 
 def launch(args: Sequence[str]) -> int:

@@ -21,21 +21,8 @@ from typing import Mapping, Sequence
 
 import torch
 
-LOCAL_RANK_VARS = ("OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "MPI_LOCALRANKID")
 DEFAULT_TIMEOUT = 3600.0
 TERM_GRACE = 5.0  # seconds mpirun gets to stop its ranks after SIGTERM before SIGKILL
-
-
-def local_rank(environ: Mapping[str, str] = os.environ) -> int:
-    """This process's rank on its node: Open MPI's, Slurm's or MPICH's variable, else 0."""
-    for name in LOCAL_RANK_VARS:
-        value = environ.get(name)
-        if value is None:
-            continue
-        if not value.isdigit():
-            raise ValueError(f"{name}={value!r} is not a non-negative integer local rank")
-        return int(value)
-    return 0
 
 
 def device_for_rank(local_rank: int) -> torch.device:

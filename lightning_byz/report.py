@@ -23,10 +23,11 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
+from lightning_byz.config import recipes_dir
+
 if TYPE_CHECKING:
     from lightning.pytorch.cli import LightningCLI
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 GRIDS = ("tiny", "small", "full")
 STEPS = {"tiny": 6, "small": None, "full": None}  # server steps per run; None: the recipe's own max_steps
 Curve = list[tuple[int, float]]  # (server step, validation accuracy) after each validation
@@ -153,7 +154,7 @@ def figures(grid: str) -> list[Figure]:
 def build(recipe: Path, run: Run, steps: int | None = None, seed: int = 0) -> LightningCLI:
     """The LightningCLI (not run) of one variant: ``steps`` server steps (None: the recipe's, validating
     as it says; else 6 validations), ``seed`` for the model init, arrivals, shards and faults."""
-    from lightning_byz.cli import run_cli
+    from lightning_byz.config import run_cli
 
     args = ["--config", str(recipe), *run.overrides, f"--seed_everything={seed}",
             f"--trainer.strategy.init_args.seed={seed}", "--trainer.logger=false",
@@ -240,7 +241,7 @@ def table(figure: Figure, summary: dict[str, dict | None], seeds: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def report(grid: str = "small", out: str | Path = "docs/report", recipes: Path = RECIPES,
+def report(grid: str = "small", out: str | Path = "docs/report", recipes: Path | None = None,
            only: list[str] | None = None, seeds: int = 1, steps: int | None = None) -> dict:
     """Run every figure of ``grid`` (or those named in ``only``), each run with seeds 0..``seeds``−1
     for ``steps`` server steps (default: the grid's); write their PNG, markdown table and JSON curves
@@ -258,13 +259,14 @@ def report(grid: str = "small", out: str | Path = "docs/report", recipes: Path =
         raise ValueError(f"no figure {unknown} in grid {grid!r}; it has {[f.name for f in selected]}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    recipes = recipes_dir() if recipes is None else Path(recipes)
     results = {}
     for figure in selected:
         if only and figure.name not in only:
             continue
         recipe = recipes / figure.recipe
         if not recipe.is_file():
-            raise FileNotFoundError(f"recipe {recipe} not found (run from the repository, or pass --recipes)")
+            raise FileNotFoundError(f"recipe {recipe} not found (pass --recipes: the folder of the *-offline.yaml)")
         figure_start = time.monotonic()
         curves: dict[str, list[Curve]] = {}
         for run in figure.runs:
@@ -294,7 +296,8 @@ def main(args: list[str] | None = None) -> int:
                         help="tiny: 2 figures of 2 runs, 6 steps each (tests); small: every figure, a cut "
                              "of its runs; full: every run (small and full: the offline recipes' own steps)")
     parser.add_argument("--out", default="docs/report", help="output directory (default docs/report)")
-    parser.add_argument("--recipes", type=Path, default=RECIPES, help="directory of the *-offline.yaml recipes")
+    parser.add_argument("--recipes", type=Path, default=None,
+                        help="directory of the *-offline.yaml recipes (default: the bundled ones)")
     parser.add_argument("--only", nargs="+", metavar="FIGURE", help="run only these figures")
     parser.add_argument("--seeds", type=int, default=1, metavar="K",
                         help="run every variant with seeds 0..K-1; plot the mean and min-max band (default 1)")

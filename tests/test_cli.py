@@ -30,11 +30,11 @@ def test_no_arguments_prints_usage(capsys):
 
 def test_launch_forwards_to_mpirun(capsys):
     pytest.importorskip("mpi4py")
-    rc = main(["launch", "-n", "2", "--dry-run", "--", "fit", "--config", "recipes/quickstart.yaml"])
+    rc = main(["launch", "-n", "2", "--dry-run", "--", "fit", "--config", "quickstart"])
     assert rc == 0
     command = capsys.readouterr().err
     assert "-n 3" in command
-    assert command.strip().endswith("-m mpi4py -m lightning_byz fit --config recipes/quickstart.yaml")
+    assert command.strip().endswith("-m mpi4py -m lightning_byz fit --config quickstart")
 
 
 def test_launch_needs_separator(capsys):
@@ -58,3 +58,23 @@ def test_aggregator_kwargs_and_keywords():
     assert AsyncPSStrategy(aggregator="cwtm", lam=0.3, num_workers=3).aggregator.lam == 0.3
     with pytest.raises(ValueError, match="both in aggregator_kwargs and as keywords"):
         AsyncPSStrategy(aggregator="cwtm", aggregator_kwargs={"lam": 0.2}, lam=0.3, num_workers=3)
+
+
+def test_bundled_recipes_run_by_name_and_ship_in_the_wheel(tmp_path):
+    from lightning_byz.config import resolve_recipe, run_cli
+
+    cli = run_cli(["--config", "quickstart", "--trainer.logger=false"], run=False)
+    assert cli.trainer.strategy.num_workers == 8
+    assert resolve_recipe("mnist_ctma-offline").endswith("mnist_ctma-offline.yaml")
+    with pytest.raises(FileNotFoundError, match="recipes: .*quickstart"):
+        resolve_recipe("no_such_recipe")
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                           "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    import zipfile
+
+    (wheel,) = tmp_path.glob("*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {f"lightning_byz/recipes/{p.name}" for p in (ROOT / "recipes").glob("*.yaml")} <= names
+    packages = {p.parent.relative_to(ROOT).as_posix() for p in (ROOT / "lightning_byz").rglob("__init__.py")}
+    assert {n.rsplit("/", 1)[0] for n in names if n.endswith("/__init__.py")} == packages | {"lightning_byz/recipes"}

@@ -65,7 +65,7 @@ def flat_grad(net: nn.Module, x: torch.Tensor, batch) -> tuple[torch.Tensor, tor
 
 
 def reference_mu2sgd(net, batches, lr, beta, gamma, schedule, wd):
-    """Direct float64 transcription of issue 5's rules; returns the losses at x_t and the points x_{t+1}."""
+    """Direct float64 transcription of the μ²-SGD, SGD and heavy-ball rules (optim.rules docstring); returns the losses at x_t and the points x_{t+1}."""
     x = flat(net).clone()
     w = x.clone()
     d = x_prev = None

@@ -12,7 +12,7 @@ import torch
 from lightning_byz import AsyncPSStrategy
 from lightning_byz.faults import Crash
 from lightning_byz.optim import Mu2SGD
-from lightning_byz.transport.simulated import ArrivalClock, arrival_probabilities
+from lightning_byz.arrivals import ArrivalClock, arrival_probabilities
 
 from conftest import SCRIPTS
 

@@ -38,7 +38,7 @@ expressed in the fixed basis Q, which keeps YᵀY = I exact even when a reweight
 One more pass forms the output Σ_i β_i g_i. Cost: d·n² for the Gram, n-space work per iteration
 (r³ + r·q with q atoms), d·n for the output; never a d×d matrix, never an SVD of the d×n matrix.
 
-Output (DESIGN.md "FA scale"): with u = YYᵀ Σ_i w_i ĝ_i,
+Output scale (a choice of ours, the paper leaves it open): with u = YYᵀ Σ_i w_i ĝ_i,
   ``"none"``:   YYᵀ Σ_i w_i g_i, the paper's (1/p)YYᵀG1 (with m ≥ rank G: the weighted mean);
   ``"unit"``:   u. The released FA code returns Σ_i YYᵀĝ_i / m = (n/m)·u for uniform weights; we drop the
                 constant n/m (a learning rate absorbs it) so integer weights still act as repetitions;

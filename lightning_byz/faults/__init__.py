@@ -2,13 +2,13 @@
 
 Every fault is a Lightning ``Callback`` and a :class:`Fault`; pass it in
 ``Trainer(callbacks=[...])`` (or a YAML ``trainer.callbacks`` list) and the parameter-server
-strategy calls its hooks at the same points in MPI and simulated mode. Worker ids are 1..N−1
+strategy calls its hooks at the same points in MPI and simulated mode. Worker ids are 1..N
 (MPI ranks; the same numbers when simulated).
 """
 
 from lightning_byz.faults.attacks import ATTACKS, ByzantineWorkers, alie_z
 from lightning_byz.faults.augmentation import NonlinearAugmentation, cat_map_period
-from lightning_byz.faults.base import Fault
+from lightning_byz.faults.base import Fault, FaultSet
 from lightning_byz.faults.network import PacketLoss
 from lightning_byz.faults.schedule import byzantine_fraction, workers_for_fraction
 from lightning_byz.faults.system import Crash, Straggler
@@ -18,6 +18,7 @@ __all__ = [
     "ByzantineWorkers",
     "Crash",
     "Fault",
+    "FaultSet",
     "NonlinearAugmentation",
     "PacketLoss",
     "Straggler",

@@ -2,7 +2,7 @@
 
 A fault is a Lightning ``Callback`` that also subclasses :class:`Fault`. The strategy collects every
 ``Fault`` among ``trainer.callbacks`` and calls these hooks at the same points in MPI and simulated
-mode, so one configuration (worker ids 1..N−1) behaves the same in both:
+mode, so one configuration (worker ids 1..N for N workers) behaves the same in both:
 
 - ``setup_faults`` once before training (validate ids against the worker count: ``ValueError``),
 - ``on_worker_batch`` on a worker's batch before its training step (data-level faults),
@@ -21,7 +21,7 @@ Hooks default to doing nothing, so a fault overrides only what it needs.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 from torch import Tensor
 
@@ -52,3 +52,51 @@ class Fault:
     def metrics(self) -> dict[str, float]:
         """Counters of what this fault has done so far, for the strategy to log."""
         return {}
+
+
+class FaultSet:
+    """The run's faults behind one object: each hook runs every fault in the order given.
+
+    The strategy collects them from ``trainer.callbacks``; the worker step, the simulation and the
+    server call this instead of looping over faults themselves.
+    """
+
+    def __init__(self, faults: Iterable[Fault] = ()):
+        self.faults = list(faults)
+
+    def __bool__(self) -> bool:
+        return bool(self.faults)
+
+    def setup(self, num_workers: int, seed: int) -> None:
+        for fault in self.faults:
+            fault.setup_faults(num_workers, seed)
+
+    def batch(self, worker: int, step: int, batch: Any) -> Any:
+        for fault in self.faults:
+            batch = fault.on_worker_batch(worker, step, batch)
+        return batch
+
+    def message(self, worker: int, step: int, vector: Tensor | None) -> Tensor | None:
+        """The vector after every message fault; None once one of them drops it."""
+        for fault in self.faults:
+            if vector is None:
+                break
+            vector = fault.on_worker_message(worker, step, vector)
+        return vector
+
+    def delay(self, worker: int, step: int) -> float:
+        return sum(fault.worker_delay(worker, step) for fault in self.faults)
+
+    def crashed(self, worker: int, step: int) -> bool:
+        return any(fault.crashed(worker, step) for fault in self.faults)
+
+    def server_attack(self, vectors: Tensor, weights: Tensor, workers: Tensor) -> Tensor:
+        for fault in self.faults:
+            vectors = fault.server_attack(vectors, weights, workers)
+        return vectors
+
+    def metrics(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for fault in self.faults:
+            out.update(fault.metrics())
+        return out

@@ -3,7 +3,7 @@
 In simulated mode the strategy draws who arrives next i.i.d. from P(worker i), i = 1..N, with
 P(i) ∝ 1 (``"uniform"``), i (``"id"``) or i² (``"id2"``), or from a given list of N non-negative
 weights (as in Dahan & Levy 2024, where faster workers send more often; the distribution is
-:func:`lightning_byz.transport.simulated.arrival_probabilities`). Byzantine workers B then
+:func:`lightning_byz.arrivals.arrival_probabilities`). Byzantine workers B then
 send a fraction λ = Σ_{i∈B} P(i) of all updates, in expectation. So λ is set by which workers are
 Byzantine: e.g. 17 workers with P ∝ i², B = {1..8} gives λ = 204/1785 ≈ 0.114, while B = {10..17}
 gives λ = 1500/1785 ≈ 0.84. :func:`byzantine_fraction` computes λ; :func:`workers_for_fraction` finds the f
@@ -17,7 +17,7 @@ import math
 from collections.abc import Sequence
 
 from lightning_byz.faults.common import check_worker_ids
-from lightning_byz.transport.simulated import arrival_probabilities
+from lightning_byz.arrivals import arrival_probabilities
 
 MAX_COMBINATIONS = 1_000_000
 

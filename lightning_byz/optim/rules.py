@@ -4,7 +4,8 @@ Every function takes lists of tensors — one flat ``[d]`` vector (the parameter
 tensor per parameter (the standalone :class:`~lightning_byz.optim.Mu2SGD`) — and uses
 ``torch._foreach_*`` kernels, so both users share this single copy of the maths.
 
-μ²-SGD (Dahan & Levy, NeurIPS 2024, seed ``weight-for-robustness.txt``; DESIGN.md "μ²-SGD"),
+μ²-SGD (Dahan & Levy, "Weight for Robustness: a Comprehensive Approach towards Optimal
+Fault-Tolerant Asynchronous ML", NeurIPS 2024),
 t = 1, 2, ...:
 
 * worker, STORM (Cutkosky & Orabona 2019): d_1 = g(x_1; z_1),

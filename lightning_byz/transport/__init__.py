@@ -1,2 +1,2 @@
-"""How vectors travel between workers and the server: real MPI (:mod:`.mpi`) or one process
-(:mod:`.simulated`)."""
+"""Where the server's messages come from and go to: real MPI ranks (:mod:`.mpi`) or virtual workers in
+one process (:mod:`.simulated`). Both speak :mod:`lightning_byz.ps.messages` to the serve loop."""

@@ -1,10 +1,12 @@
-"""MPI transport: rank 0 serves, ranks 1..N−1 work, on a private duplicate of COMM_WORLD.
+"""MPI transport: rank 0 serves, ranks 1..N work, on a private duplicate of COMM_WORLD.
 
 Wire format (one message each way, raw bytes):
   worker -> server: int64 header [worker, step, version, flags] + payload (update [d] | buffers [b])
   server -> worker: int64 header [version, flags, 0, 0] + payload (params [d] | buffers [b])
 ``flags`` on the way up: 0 an update, 1 nothing (dropped/lost: answer with the current parameters).
 On the way down: 0 continue, 1 stop (the payload holds the final parameters).
+The transport owns this format: the server side yields :class:`Message` / :class:`Rejection`
+objects and takes :class:`Reply` objects; the worker side sends a ``Message`` and returns a ``Reply``.
 
 The server keeps one persistent receive per worker and polls them (``Testany`` with a short
 back-off), so it acts on whichever worker is ready and never waits on a slow one; replies are
@@ -14,12 +16,17 @@ tensors are staged through pinned host buffers; CPU tensors go to mpi4py as nump
 
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
 import torch
 from mpi4py import MPI
 from torch import Tensor
+
+from lightning_byz.ps.messages import Message, Rejection, Reply
+
+log = logging.getLogger(__name__)
 
 HEADER = 4  # int64 words
 HEADER_BYTES = 8 * HEADER
@@ -61,15 +68,32 @@ class _Buffer:
 
 
 class MPIServerTransport:
-    """Server side: poll every worker's persistent receive; answer each without blocking."""
+    """Server side: poll every worker's persistent receive; answer each without blocking.
 
-    def __init__(self, comm: MPI.Comm, numel: int, dtype: torch.dtype, pin: bool, slack: int = 1024):
+    Args:
+        comm: the job's communicator (rank 0 is the server).
+        params_numel, buffers_numel: sizes of the two parts of every payload.
+        dtype, device: of the server's model; payloads are handed over on ``device``.
+        pin: stage through pinned host buffers (a CUDA server).
+        slack: extra receive room, so a too-long message is detected by its size, not truncated.
+    """
+
+    def __init__(
+        self,
+        comm: MPI.Comm,
+        params_numel: int,
+        buffers_numel: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        pin: bool = False,
+        slack: int = 1024,
+    ):
         self.comm = comm
         self.num_workers = comm.Get_size() - 1
-        self.numel = numel
-        self.dtype = dtype
+        self.d, self.b = params_numel, buffers_numel
+        self.device = torch.device(device)
         self.itemsize = torch.empty(0, dtype=dtype).element_size()
-        # a little slack so a too-long message is detected by its size rather than truncated
+        numel = self.d + self.b
         self.recv = [_Buffer(numel + slack, dtype, pin) for _ in range(self.num_workers)]
         self.send = [_Buffer(numel, dtype, pin) for _ in range(self.num_workers)]
         self.requests = [
@@ -77,14 +101,11 @@ class MPIServerTransport:
         ]
         self.sends: list[MPI.Request] = [MPI.REQUEST_NULL] * self.num_workers
         MPI.Prequest.Startall(self.requests)
-        self.active = [True] * self.num_workers
+        self._consumed: int | None = None  # the worker whose message the last poll handed out
 
-    def poll(self, timeout: float) -> tuple[int, np.ndarray, Tensor | None, str | None] | None:
-        """Wait up to ``timeout`` s for one message; return (worker, header, payload, error) or None.
-
-        ``payload`` is a view into the receive buffer, valid until :meth:`release` (worker).
-        ``error`` names a malformed message (wrong size); its payload is None.
-        """
+    def poll(self, timeout: float) -> Message | Rejection | None:
+        """Wait up to ``timeout`` s for one message; its tensors are valid until the next poll."""
+        self._rearm()
         status = MPI.Status()
         deadline = time.monotonic() + timeout
         spins, pause = 0, 2e-5
@@ -101,43 +122,60 @@ class MPIServerTransport:
             if spins > 50:
                 time.sleep(pause)
                 pause = min(pause * 2, 1e-3)
-        worker = idx + 1
-        buf = self.recv[idx]
-        nbytes = status.Get_count(MPI.BYTE)
-        if nbytes < HEADER_BYTES or (nbytes - HEADER_BYTES) % self.itemsize:
-            return worker, buf.header, None, f"malformed message of {nbytes} bytes"
-        if buf.header[3] == UP_NOTHING:
-            return worker, buf.header, None, None
-        numel = (nbytes - HEADER_BYTES) // self.itemsize
-        return worker, buf.header, buf.payload[:numel], None
+        self._consumed = idx
+        return self._decode(idx + 1, status.Get_count(MPI.BYTE))
 
-    def _unreadable(self, exc: MPI.Exception) -> tuple[int, np.ndarray, None, str]:
-        """Find the request that failed and report its worker (the caller re-arms it with release)."""
+    def _decode(self, worker: int, nbytes: int) -> Message | Rejection:
+        """Read the received bytes of ``worker`` against the wire format."""
+        buf = self.recv[worker - 1]
+        if nbytes < HEADER_BYTES or (nbytes - HEADER_BYTES) % self.itemsize:
+            return Rejection(worker, f"malformed message of {nbytes} bytes")
+        sender, step, version, flags = (int(v) for v in buf.header)
+        if sender != worker:
+            return Rejection(worker, f"unknown sender: header claims worker {sender}, sent by rank {worker}")
+        if flags == UP_NOTHING:
+            return Message(worker, step, version, None)
+        payload = buf.payload[: (nbytes - HEADER_BYTES) // self.itemsize]
+        if payload.numel() != self.d + self.b:  # the server rejects it by its size
+            return Message(worker, step, version, payload.to(self.device))
+        vector = payload[: self.d].to(self.device, non_blocking=True)
+        buffers = payload[self.d :].to(self.device, non_blocking=True) if self.b else None
+        return Message(worker, step, version, vector, buffers)
+
+    def _unreadable(self, exc: MPI.Exception) -> Rejection:
+        """Find the request that failed and report its worker (the next poll re-arms it)."""
         for i, req in enumerate(self.requests):
             try:
                 req.Test()
             except MPI.Exception:
-                return i + 1, self.recv[i].header, None, f"unreadable message ({exc.Get_error_string()})"
+                self._consumed = i
+                return Rejection(i + 1, f"unreadable message ({exc.Get_error_string()})")
         raise exc
 
-    def release(self, worker: int) -> None:
-        """The message of ``worker`` has been consumed: receive its next one."""
-        self.requests[worker - 1].Start()
+    def _rearm(self) -> None:
+        """The last message has been consumed: receive that worker's next one."""
+        if self._consumed is None:
+            return
+        if self.device.type == "cuda":  # non-blocking copies out of the receive buffer must be done
+            torch.cuda.current_stream(self.device).synchronize()
+        self.requests[self._consumed].Start()
+        self._consumed = None
 
-    def reply(self, worker: int, params: Tensor, buffers: Tensor | None, version: int, stop: bool = False) -> None:
-        """Send ``params`` (and buffers) to ``worker`` without blocking."""
+    def reply(self, worker: int, reply: Reply) -> None:
+        """Send ``reply`` to ``worker`` without blocking."""
         i = worker - 1
         self.sends[i].Wait()  # the previous reply to this worker has left its buffer
         buf = self.send[i]
-        d = params.numel()
-        buf.payload[:d].copy_(params)
-        if buffers is not None and buffers.numel():
-            buf.payload[d : d + buffers.numel()].copy_(buffers)
-        buf.header[:] = (version, DOWN_STOP if stop else DOWN_CONTINUE, 0, 0)
+        d = reply.params.numel()
+        buf.payload[:d].copy_(reply.params)
+        if reply.buffers is not None and reply.buffers.numel():
+            buf.payload[d : d + reply.buffers.numel()].copy_(reply.buffers)
+        buf.header[:] = (reply.version, DOWN_STOP if reply.stop else DOWN_CONTINUE, 0, 0)
         self.sends[i] = self.comm.Isend([buf.bytes, MPI.BYTE], dest=worker, tag=TAG_DOWN)
 
     def close(self, drain: float) -> None:
         """Wait for outstanding replies; cancel the receives nobody will match (after ``drain`` s)."""
+        self._rearm()
         MPI.Request.Waitall(self.sends)
         deadline = time.monotonic() + drain
         pending = list(range(self.num_workers))
@@ -152,34 +190,74 @@ class MPIServerTransport:
 
 
 class MPIWorkerTransport:
-    """Worker side: send one update, receive the parameters to use next."""
+    """Worker side: send one message, receive the parameters to use next."""
 
-    def __init__(self, comm: MPI.Comm, numel: int, dtype: torch.dtype, pin: bool):
+    def __init__(self, comm: MPI.Comm, params_numel: int, buffers_numel: int, dtype: torch.dtype, pin: bool = False):
         self.comm = comm
-        self.rank = comm.Get_rank()
-        self.out = _Buffer(numel, dtype, pin)
-        self.inp = _Buffer(numel, dtype, pin)
+        self.d, self.b = params_numel, buffers_numel
+        self.out = _Buffer(self.d + self.b, dtype, pin)
+        self.inp = _Buffer(self.d + self.b, dtype, pin)
 
-    def exchange(self, step: int, version: int, payload: Tensor | None) -> tuple[np.ndarray, Tensor]:
-        """Send ``payload`` (None: an empty "nothing" message); return (reply header, reply payload)."""
+    def exchange(self, msg: Message) -> Reply:
+        """Send ``msg`` (vector None: an empty "nothing" message); return the server's reply."""
         reply = self.comm.Irecv([self.inp.bytes, MPI.BYTE], source=0, tag=TAG_DOWN)  # posted before the send
-        if payload is None:
-            self.out.header[:] = (self.rank, step, version, UP_NOTHING)
+        if msg.vector is None:
+            self.out.header[:] = (msg.worker, msg.step, msg.version, UP_NOTHING)
             _wait(self.comm.Isend([self.out.bytes[:HEADER_BYTES], MPI.BYTE], dest=0, tag=TAG_UP))
         else:
-            n = payload.numel()
-            if n > self.out.payload.numel():  # a malformed, too-long message (fault injection)
-                out = _Buffer(n, payload.dtype, False)
-            else:
-                out = self.out
-            out.payload[:n].copy_(payload)
-            out.header[:] = (self.rank, step, version, UP_UPDATE)
-            nbytes = HEADER_BYTES + n * payload.element_size()
+            d = msg.vector.numel()
+            n = d + (msg.buffers.numel() if msg.buffers is not None else 0)
+            out = self.out if n <= self.out.payload.numel() else _Buffer(n, msg.vector.dtype, False)  # too long
+            out.payload[:d].copy_(msg.vector)
+            if n > d:
+                out.payload[d:n].copy_(msg.buffers)
+            out.header[:] = (msg.worker, msg.step, msg.version, UP_UPDATE)
+            nbytes = HEADER_BYTES + n * msg.vector.element_size()
             _wait(self.comm.Isend([out.bytes[:nbytes], MPI.BYTE], dest=0, tag=TAG_UP))
         _wait(reply)
-        return self.inp.header, self.inp.payload
+        return self._reply()
 
-    def wait_stop(self) -> tuple[np.ndarray, Tensor]:
+    def wait_stop(self) -> Reply:
         """A crashed worker sends nothing more; it only waits for the final parameters."""
         _wait(self.comm.Irecv([self.inp.bytes, MPI.BYTE], source=0, tag=TAG_DOWN))
-        return self.inp.header, self.inp.payload
+        return self._reply()
+
+    def _reply(self) -> Reply:
+        version, flags = int(self.inp.header[0]), int(self.inp.header[1])
+        payload = self.inp.payload
+        buffers = payload[self.d : self.d + self.b] if self.b else None
+        return Reply(version, payload[: self.d], buffers, stop=flags == DOWN_STOP)
+
+
+def barrier(comm: MPI.Comm, timeout: float) -> None:
+    """A barrier that gives up (and aborts the job) instead of hanging forever."""
+    req = comm.Ibarrier()
+    deadline = time.monotonic() + timeout
+    while not req.Test():
+        if time.monotonic() > deadline:
+            log.error("teardown barrier timed out after %.0fs; aborting the MPI job", timeout)
+            comm.Abort(3)
+        time.sleep(1e-3)
+
+
+def send_metrics(comm: MPI.Comm, metrics: dict[str, float]) -> MPI.Request:
+    """Worker: send its fault counters to the server at the end of training."""
+    return comm.isend(metrics, dest=0, tag=TAG_METRICS)
+
+
+def gather_metrics(comm: MPI.Comm, timeout: float) -> dict[int, dict[str, float]]:
+    """Server: every worker's fault counters, as far as they arrive within ``timeout`` s."""
+    workers = range(1, comm.Get_size())
+    requests = {w: comm.irecv(source=w, tag=TAG_METRICS) for w in workers}
+    deadline = time.monotonic() + timeout
+    out: dict[int, dict[str, float]] = {}
+    while requests and time.monotonic() < deadline:
+        for w, req in list(requests.items()):
+            done, values = req.test()
+            if done:
+                out[w] = values
+                del requests[w]
+        time.sleep(1e-3)
+    for req in requests.values():
+        req.cancel()
+    return out

@@ -2,9 +2,10 @@
 
 The server holds the model point ``x`` (a flat vector), the latest accepted vector of every worker,
 how many updates each worker contributed (``counts``: the async weights s_i / Σ s_j of Dahan & Levy),
-and what it rejected. Transports (MPI, simulated) feed it :class:`Message` objects; it validates
-each one, and in ``async`` mode every accepted arrival triggers an update; in ``sync`` mode an update
-happens once ``quorum`` workers have contributed to the current round.
+and what it rejected. The serve loop (:mod:`lightning_byz.ps.serve`) feeds it :class:`Message`
+objects from a transport; it validates each one, and in ``async`` mode every accepted arrival
+triggers an update; in ``sync`` mode an update happens once ``quorum`` workers have contributed to
+the current round.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import logging
 import math
 import time
 from collections import Counter
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -22,26 +22,11 @@ from torch import Tensor
 from lightning_byz.aggregators import Aggregator, check_inputs
 from lightning_byz.aggregators.base import nonfinite_rows
 from lightning_byz.aggregators.coordinate import weighted_median
+from lightning_byz.ps.messages import Message
 
 log = logging.getLogger(__name__)
 
 Attack = Callable[[Tensor, Tensor, Tensor], Tensor]
-
-
-@dataclass
-class Message:
-    """A worker's update: who sent it, its local step, the server version it was computed at.
-
-    ``vector`` is ``None`` when nothing arrived (a dropped or lost message): the server then answers
-    with its current parameters without updating. ``buffers`` carries the worker's floating-point
-    module buffers (BatchNorm statistics), or is empty.
-    """
-
-    worker: int
-    step: int
-    version: int
-    vector: Tensor | None
-    buffers: Tensor | None = None
 
 
 class ParameterServer:

@@ -1,0 +1,47 @@
+"""What travels between a worker and the server, whatever the transport.
+
+A transport turns its wire format into these objects on the way in (:class:`Message`, or a
+:class:`Rejection` when the bytes could not even be read as a message) and takes a :class:`Reply`
+on the way out, so the serve loop and the worker step never see a header or a tag.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+
+@dataclass
+class Message:
+    """A worker's update: who sent it, its local step, the server version it was computed at.
+
+    ``vector`` is ``None`` when nothing arrived (a dropped or lost message): the server then answers
+    with its current parameters without updating. ``buffers`` carries the worker's floating-point
+    module buffers (BatchNorm statistics), or is ``None``.
+    """
+
+    worker: int
+    step: int
+    version: int
+    vector: Tensor | None
+    buffers: Tensor | None = None
+
+
+@dataclass
+class Rejection:
+    """Bytes from ``worker`` that the transport could not read as a message (wrong length, a header
+    naming another sender): the server counts ``reason`` and answers the sender so it can go on."""
+
+    worker: int
+    reason: str
+
+
+@dataclass
+class Reply:
+    """The server's answer: the parameters (and buffers) at ``version``; ``stop`` ends training."""
+
+    version: int
+    params: Tensor
+    buffers: Tensor | None = None
+    stop: bool = False

@@ -1,0 +1,296 @@
+"""What each process does inside Lightning's training loop: the strategy picks one role per process.
+
+- :class:`SimulatedRole`: one process is the server and N virtual workers
+  (:class:`~lightning_byz.transport.simulated.SimulatedTransport`);
+- :class:`MPIServerRole`: rank 0 serves the MPI workers;
+- :class:`MPIWorkerRole`: ranks 1..N compute on their shard and exchange with rank 0.
+
+The server roles run the :class:`~lightning_byz.ps.ServeLoop`, the workers (virtual or not) a
+:class:`~lightning_byz.ps.WorkerStep`; a role only connects them to Lightning: the batch its
+training step sees, the closure it gets, the metrics it logs, the state it checkpoints.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any, Callable
+
+import lightning.pytorch as pl
+import torch
+
+from lightning_byz.arrivals import ArrivalClock
+from lightning_byz.data.shards import ShardStream, Ticks, shard_loader
+from lightning_byz.optim.split import OptimizerSplit
+from lightning_byz.ps import FlatModel, ParameterServer, Reply, ServeLoop, WorkerStep
+
+if TYPE_CHECKING:
+    from lightning_byz.strategy import AsyncPSStrategy
+
+
+class Role:
+    """What one process does in the exchange (server, worker or the whole simulation)."""
+
+    def train_dataloader(self, dataloader: object) -> object:
+        return dataloader
+
+    def training_step(self, args: tuple, kwargs: dict) -> Any:
+        raise NotImplementedError
+
+    def optimizer_step(self, closure: Callable[[], Any]) -> Any:
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        """Training is over (the server reached max_steps, or a worker was told to stop)."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def make_server(strategy: AsyncPSStrategy, params: torch.Tensor, split: OptimizerSplit, buffers_numel: int, clock):
+    optimizer = strategy.optimizers[0]
+    return ParameterServer(
+        params,
+        strategy.num_workers,
+        strategy.aggregator,
+        split.make_server_rule([params]),
+        lr=lambda: optimizer.param_groups[0]["lr"],
+        mode=strategy.mode,
+        quorum=strategy.sync_quorum,
+        worker_timeout=strategy.worker_timeout,
+        attack=strategy.faults.server_attack if strategy.faults else None,
+        buffers_numel=buffers_numel,
+        clock=clock,
+    )
+
+
+class ServerLogging:
+    """Server metrics logged from inside the training step (so Lightning accepts them)."""
+
+    def __init__(self, strategy: AsyncPSStrategy, server: ParameterServer):
+        self.strategy = strategy
+        self.server = server
+        self.times: deque[float] = deque(maxlen=64)
+
+    def tick(self) -> None:
+        self.times.append(time.perf_counter())
+
+    def log(self) -> None:
+        module = self.strategy.lightning_module
+        if module.trainer.global_step % max(1, module.trainer.log_every_n_steps):
+            return
+        if len(self.times) > 1:
+            rate = (len(self.times) - 1) / max(self.times[-1] - self.times[0], 1e-9)
+            module.log("ps/updates_per_s", rate, prog_bar=True, on_step=True, on_epoch=False)
+        metrics = self.server.metrics()
+        metrics.update(self.strategy.faults.metrics())
+        for key in ("staleness_mean", "rejected"):
+            if key in metrics:
+                module.log(f"ps/{key}", metrics.pop(key), prog_bar=True, on_step=True, on_epoch=False)
+        for key, value in metrics.items():
+            module.log(f"ps/{key}", float(value), on_step=True, on_epoch=False)
+
+
+class SimulatedRole(Role):
+    """One process: the server plus N virtual workers, each with its shard, point and rule."""
+
+    def __init__(self, strategy: AsyncPSStrategy, split: OptimizerSplit, flat: FlatModel):
+        from lightning_byz.transport.simulated import SimulatedTransport
+
+        self.strategy = strategy
+        self.flat = flat
+        self.x = flat.params.detach().clone()  # the server's point; flat.params is the workers' scratch
+        self.clock = ArrivalClock(strategy.arrival_q, strategy.sim_step_time, strategy.seed)
+        self.server = make_server(strategy, self.x, split, 0, clock=lambda: self.clock.now)
+        self.logging = ServerLogging(strategy, self.server)
+        rules = [split.make_worker_rule() for _ in range(strategy.num_workers)]
+        scratch = WorkerStep.scratch(flat, rules[0].needs_previous_gradient)
+        self.workers = [
+            WorkerStep(i + 1, rule, flat, strategy.faults, scratch=scratch) for i, rule in enumerate(rules)
+        ]
+        self.transport = SimulatedTransport(self.workers, self.clock, self.x, strategy.faults, strategy.batch_to_device)
+        self.loop = ServeLoop(self.server, self.transport)
+        self.stream_states: list[dict] = []  # restored before the streams exist
+
+    def train_dataloader(self, dataloader: object) -> object:
+        if not self.transport.streams:
+            n, seed = self.strategy.num_workers, self.strategy.seed
+            self.transport.streams = [ShardStream(shard_loader(dataloader, n, i, seed)) for i in range(n)]
+            for stream, state in zip(self.transport.streams, self.stream_states):
+                stream.load_state_dict(state)
+        return Ticks(len(dataloader))
+
+    def training_step(self, args: tuple, kwargs: dict) -> Any:
+        self.logging.log()
+        return self.strategy.user_training_step(self.transport.batch, args, kwargs)
+
+    def optimizer_step(self, closure: Callable[[], Any]) -> Any:
+        self.transport.closure = closure
+        self.loop.serve_until_update()
+        self.logging.tick()
+        self.flat.params.copy_(self.x)
+        return self.transport.result
+
+    def state_dict(self) -> dict:
+        storm = self.workers[0].storm
+        return {
+            "server": self.server.state_dict(),
+            "query": self.transport.query.cpu().clone(),
+            "prev": torch.stack([w.prev for w in self.workers]).cpu() if storm else None,
+            "versions": [w.version for w in self.workers],
+            "steps": [w.step for w in self.workers],
+            "waiting": list(self.loop.pending),
+            "rules": [w.rule.state_dict() for w in self.workers],
+            "clock": self.clock.state_dict(),
+            "streams": [s.state_dict() for s in self.transport.streams],
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.server.load_state_dict(state["server"])
+        self.transport.query.copy_(state["query"])
+        for i, worker in enumerate(self.workers):
+            if worker.storm:
+                worker.prev.copy_(state["prev"][i])
+            worker.version, worker.step = state["versions"][i], state["steps"][i]
+            worker.rule.load_state_dict(state["rules"][i])
+        self.loop.pending = list(state["waiting"])
+        self.clock.load_state_dict(state["clock"])
+        self.stream_states = state["streams"]
+        torch.set_rng_state(state["torch_rng"])
+        self.flat.params.copy_(self.x)
+
+
+class MPIServerRole(Role):
+    """Rank 0: serve the workers until each update; at the end stop them and gather their counters."""
+
+    def __init__(self, strategy: AsyncPSStrategy, split: OptimizerSplit, flat: FlatModel):
+        from lightning_byz.transport import mpi
+
+        self.strategy = strategy
+        self.comm = mpi.world().Dup()
+        pin = flat.device.type == "cuda"
+        b = flat.buffers_numel
+        self.transport = mpi.MPIServerTransport(self.comm, flat.numel, b, flat.dtype, flat.device, pin)
+        self.server = make_server(strategy, flat.params, split, b, time.monotonic)
+        self.logging = ServerLogging(strategy, self.server)
+        self.loop = ServeLoop(self.server, self.transport, model=flat)
+        self.stopped = False
+
+    def train_dataloader(self, dataloader: object) -> object:
+        return Ticks(len(dataloader))  # the server trains on no data itself
+
+    def training_step(self, args: tuple, kwargs: dict) -> None:
+        self.logging.log()
+        return None
+
+    def optimizer_step(self, closure: Callable[[], Any]) -> Any:
+        result = closure()  # runs the (empty) server training step; Lightning requires the call
+        self.loop.serve_until_update()
+        self.logging.tick()
+        return result
+
+    def finish(self) -> None:
+        """Tell every worker to stop (with the final parameters), absorb their last messages."""
+        from lightning_byz.transport import mpi
+
+        if self.stopped:
+            return
+        self.stopped = True
+        self.loop.stop()
+        self.transport.close(drain=min(self.strategy.worker_timeout, 30.0))
+        self._log_worker_fault_metrics(mpi.gather_metrics(self.comm, timeout=10.0))
+        mpi.barrier(self.comm, timeout=30.0)
+
+    def _log_worker_fault_metrics(self, gathered: dict[int, dict[str, float]]) -> None:
+        """Worker-side fault counters (attacks, packet loss) live on the workers: log them as
+        ``faults/worker_<i>/<name>``, so an MPI run reports what a simulated run does."""
+        metrics = {f"faults/worker_{w}/{k}": float(v) for w, values in gathered.items() for k, v in values.items()}
+        self.strategy.worker_fault_metrics = metrics
+        trainer = self.strategy.lightning_module.trainer
+        if metrics and trainer.logger is not None:
+            trainer.logger.log_metrics(metrics, step=trainer.global_step)
+
+    def state_dict(self) -> dict:
+        return {"server": self.server.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.server.load_state_dict(state["server"])
+
+
+class FreshShard:
+    """A worker's shard as Lightning's train loader: resumable in Lightning's eyes, but a resumed
+    checkpoint is the server's, whose loader state (the server's ticks) means nothing to a worker's
+    shard; the shard starts afresh and the server sends the parameters to resume from."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader):
+        self.loader = loader
+
+    def __iter__(self):
+        return iter(self.loader)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class MPIWorkerRole(Role):
+    """Ranks 1..N: gradient(s) on the own shard → worker rule → exchange → new parameters."""
+
+    def __init__(self, strategy: AsyncPSStrategy, trainer: pl.Trainer, split: OptimizerSplit, flat: FlatModel):
+        from lightning_byz.transport import mpi
+
+        self.strategy = strategy
+        self.trainer = trainer
+        self.flat = flat
+        self.comm = mpi.world().Dup()
+        pin = flat.device.type == "cuda"
+        self.transport = mpi.MPIWorkerTransport(self.comm, flat.numel, flat.buffers_numel, flat.dtype, pin)
+        rank = self.comm.Get_rank()
+        self.worker = WorkerStep(rank, split.make_worker_rule(), flat, strategy.faults, send_buffers=True)
+        self.stopped = False
+
+    def train_dataloader(self, dataloader: object) -> object:
+        n, rank = self.strategy.num_workers, self.worker.worker
+        return FreshShard(shard_loader(dataloader, n, rank - 1, self.strategy.seed, keep_workers=True))
+
+    def training_step(self, args: tuple, kwargs: dict) -> Any:
+        return self.strategy.user_training_step(self.worker.batch(args[0]), args, kwargs)
+
+    def optimizer_step(self, closure: Callable[[], Any]) -> Any:
+        worker = self.worker
+        if worker.crashed():  # crash-stop: silent until the server stops all
+            self._apply(self.transport.wait_stop())
+            return closure()  # Lightning insists the closure runs; its gradient goes nowhere
+        msg, result = worker.message(self.flat.params, closure)
+        delay = self.strategy.faults.delay(worker.worker, msg.step)
+        if delay > 0:
+            time.sleep(delay)
+        self._apply(self.transport.exchange(msg))
+        return result
+
+    def _apply(self, reply: Reply) -> None:
+        self.worker.version = reply.version
+        self.flat.params.copy_(reply.params, non_blocking=True)
+        if reply.stop:
+            if reply.buffers is not None:  # the server's robust buffers come with the final point
+                self.flat.load_buffers(reply.buffers)
+            self.stopped = True
+            self.trainer.should_stop = True
+
+    def finish(self) -> None:
+        from lightning_byz.transport import mpi
+
+        if not self.stopped:  # the loop ended on its own (e.g. an exception path): get the final point
+            self._apply(self.transport.wait_stop())
+        request = mpi.send_metrics(self.comm, self.strategy.faults.metrics())
+        mpi.barrier(self.comm, timeout=30.0)
+        request.wait()

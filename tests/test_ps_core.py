@@ -1,0 +1,235 @@
+"""The parameter-server core without Lightning or MPI: the serve loop against an in-memory transport,
+the worker step on a small module, the fault composite."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_byz.aggregators import get_aggregator
+from lightning_byz.faults import Fault, FaultSet
+from lightning_byz.optim.split import HeavyBall, SendGradient, SGDServer, Storm
+from lightning_byz.ps import FlatModel, Message, ParameterServer, Rejection, Reply, ServeLoop, WorkerStep
+
+D = 3
+
+
+class MemoryTransport:
+    """Messages queued by the test; replies recorded (with a copy of the parameters they carried)."""
+
+    def __init__(self):
+        self.inbox: deque[Message | Rejection] = deque()
+        self.sent: list[tuple[int, Reply]] = []
+
+    def poll(self, timeout: float):
+        return self.inbox.popleft() if self.inbox else None
+
+    def reply(self, worker: int, reply: Reply) -> None:
+        buffers = None if reply.buffers is None else reply.buffers.clone()
+        self.sent.append((worker, Reply(reply.version, reply.params.clone(), buffers, reply.stop)))
+
+    def answered(self) -> list[int]:
+        out = [w for w, _ in self.sent]
+        self.sent.clear()
+        return out
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_loop(n=3, mode="async", quorum=None, timeout=math.inf, buffers=0, clock=None):
+    server = ParameterServer(
+        torch.zeros(D), n, get_aggregator("mean"), SGDServer(), lr=lambda: 1.0, mode=mode, quorum=quorum,
+        worker_timeout=timeout, buffers_numel=buffers, clock=clock or Clock(),
+    )
+    transport = MemoryTransport()
+    return ServeLoop(server, transport), transport
+
+
+def msg(worker, value=1.0, step=0, version=0, vector=True):
+    return Message(worker, step, version, torch.full((D,), float(value)) if vector else None)
+
+
+def test_async_every_accepted_arrival_is_an_update_and_its_sender_is_answered():
+    loop, transport = make_loop()
+    transport.inbox.extend([msg(2, 1.0), msg(1, 3.0)])
+    loop.serve_until_update()
+    assert transport.sent[0][0] == 2 and transport.sent[0][1].version == 1
+    assert torch.equal(transport.sent[0][1].params, torch.full((D,), -1.0))  # x − lr·v
+    loop.serve_until_update()
+    # weights s_i / Σ s_j over the heard workers: (3 + 1) / 2 = 2 more down
+    assert transport.answered() == [2, 1] and torch.equal(loop.server.params, torch.full((D,), -3.0))
+    assert loop.pending == []
+
+
+def test_sync_round_answers_everyone_after_its_update():
+    loop, transport = make_loop(mode="sync")
+    transport.inbox.extend([msg(1), msg(3)])
+    assert not loop.serve_one() and not loop.serve_one()
+    assert transport.sent == [] and loop.pending == [1, 3]
+    transport.inbox.append(msg(2))
+    assert loop.serve_one()
+    assert transport.answered() == [1, 3, 2]
+    assert loop.server.version == 1 and loop.pending == []
+
+
+def test_sync_rejected_empty_and_unreadable_messages_are_answered_at_once():
+    loop, transport = make_loop(mode="sync")
+    transport.inbox.extend([
+        msg(1),
+        msg(2, float("nan")),  # rejected by the server
+        Rejection(3, "malformed message of 7 bytes"),  # rejected by the transport
+        msg(3, vector=False),  # nothing arrived (a drop)
+    ])
+    for _ in range(4):
+        assert not loop.serve_one()
+    assert transport.answered() == [2, 3, 3]
+    assert loop.pending == [1] and loop.server.round == {1}
+    assert dict(loop.server.rejected) == {"non-finite values (NaN/Inf) in the update": 1, "malformed message of 7 bytes": 1}
+    assert loop.server.lost == 1
+    transport.inbox.extend([msg(2), msg(3)])  # the rejected ones try again and complete the round
+    loop.serve_until_update()
+    assert transport.answered() == [1, 2, 3] and loop.server.version == 1
+
+
+def test_sync_round_closes_on_a_quiet_poll_once_a_worker_is_silent():
+    clock = Clock()
+    loop, transport = make_loop(mode="sync", timeout=5.0, clock=clock)
+    transport.inbox.extend([msg(1), msg(2), msg(3)])
+    loop.serve_until_update()
+    transport.answered()
+    clock.now = 4.0
+    transport.inbox.extend([msg(1, version=1), msg(2, version=1)])  # worker 3 goes quiet
+    assert not loop.serve_one() and not loop.serve_one() and not loop.serve_one()  # a quiet poll, in time
+    clock.now = 8.0
+    assert loop.serve_one()  # quiet poll after the timeout: 3 is silent, the round closes with 1 and 2
+    assert transport.answered() == [1, 2] and loop.server.silent == {3}
+
+
+def test_stop_sends_the_final_point_to_every_worker():
+    loop, transport = make_loop()
+    transport.inbox.append(msg(1))
+    loop.serve_until_update()
+    transport.answered()
+    loop.stop()
+    assert [w for w, _ in transport.sent] == [1, 2, 3]
+    assert all(r.stop and r.version == 1 and torch.equal(r.params, loop.server.params) for _, r in transport.sent)
+
+
+def test_aggregated_buffers_reach_the_server_model_and_every_reply():
+    module = nn.BatchNorm1d(2)
+    model = FlatModel(module)
+    server = ParameterServer(model.params, 3, get_aggregator("mean"), SGDServer(), lr=lambda: 0.0,
+                             buffers_numel=model.buffers_numel)
+    transport = MemoryTransport()
+    loop = ServeLoop(server, transport, model=model)
+    for w, value in [(1, 1.0), (2, 5.0), (3, 2.0)]:
+        transport.inbox.append(Message(w, 0, 0, torch.zeros(model.numel), torch.full((model.buffers_numel,), value)))
+        loop.serve_until_update()
+    median = torch.full((model.buffers_numel,), 2.0)  # weighted median of 1, 5, 2
+    assert torch.equal(model.gather_buffers(), median)
+    assert torch.equal(transport.sent[-1][1].buffers, median)
+
+
+# -- the worker step ----------------------------------------------------------------------------
+class CountingFaults(Fault):
+    """Doubles inputs on the batch (counting calls), drops the message of step 1, crashes at step 3."""
+
+    def __init__(self):
+        self.batch_calls = 0
+
+    def on_worker_batch(self, worker, step, batch):
+        self.batch_calls += 1
+        return batch * 2
+
+    def on_worker_message(self, worker, step, vector):
+        return None if step == 1 else vector
+
+    def crashed(self, worker, step):
+        return step >= 3
+
+
+def linear_setup(rule):
+    torch.manual_seed(0)
+    module = nn.Linear(D, 1, bias=False)
+    model = FlatModel(module)
+    faults = CountingFaults()
+    worker = WorkerStep(2, rule, model, FaultSet([faults]))
+    x = torch.randn(4, D)
+
+    def closure():
+        module.zero_grad()
+        loss = module(worker.batch(x)).square().mean()
+        loss.backward()
+        return loss
+
+    return model, worker, faults, x, closure
+
+
+def expected_grad(point, x):
+    return 2 * ((2 * x) @ point)[:, None].mul(2 * x).mean(0)  # d/dw mean((2x·w)²)
+
+
+def test_worker_step_sends_the_gradient_at_its_point_and_applies_faults_once_per_step():
+    model, worker, faults, x, closure = linear_setup(SendGradient())
+    point = torch.tensor([1.0, -2.0, 0.5])
+    worker.version = 7
+    msg, loss = worker.message(point, closure)
+    assert (msg.worker, msg.step, msg.version) == (2, 0, 7)
+    assert torch.allclose(msg.vector, expected_grad(point, x))
+    assert torch.equal(model.params, point) and torch.is_tensor(loss)
+    assert faults.batch_calls == 1 and worker.step == 1
+    msg, _ = worker.message(point, closure)
+    assert msg.vector is None and msg.step == 1  # the message fault dropped step 1
+    worker.step = 3
+    assert worker.crashed()
+
+
+def test_storm_worker_evaluates_the_previous_point_on_the_same_batch():
+    model, worker, faults, x, closure = linear_setup(Storm(beta=0.5))
+    p0, p1 = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 1.0, 0.0])
+    model.params.copy_(p0)
+    worker.prev.copy_(p0)
+    d0 = worker.message(model.params, closure)[0].vector.clone()
+    assert torch.allclose(d0, expected_grad(p0, x))
+    model.params.copy_(p1)  # a reply moved the worker to p1; the point is the model itself (MPI)
+    worker.message(model.params, closure)  # step 1: dropped by the fault, but the rule still stepped
+    assert torch.equal(model.params, p1) and torch.equal(worker.prev, p1)
+    assert faults.batch_calls == 2  # one per step, although STORM evaluated twice at step 1
+
+
+def test_worker_rules_plug_in_unchanged():
+    for rule in (SendGradient(), HeavyBall(0.9), Storm()):
+        model, worker, _, _, closure = linear_setup(rule)
+        msg, _ = worker.message(model.params.clone(), closure)
+        assert msg.vector.shape == (D,) and bool(torch.isfinite(msg.vector).all())
+
+
+def test_fault_set_runs_every_fault_in_order():
+    class Add(Fault):
+        def __init__(self, k):
+            self.k = k
+
+        def on_worker_message(self, worker, step, vector):
+            return vector * 10 + self.k
+
+        def worker_delay(self, worker, step):
+            return self.k
+
+        def metrics(self):
+            return {f"add{self.k}": 1.0}
+
+    faults = FaultSet([Add(1), Add(2)])
+    assert bool(faults) and not FaultSet()
+    assert faults.message(1, 0, torch.zeros(1)).item() == 12.0
+    assert faults.delay(1, 0) == 3 and faults.metrics() == {"add1": 1.0, "add2": 1.0}
+    assert not faults.crashed(1, 0)
