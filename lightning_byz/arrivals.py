@@ -44,17 +44,22 @@ class ArrivalClock:
         self.queue: list[tuple[float, int]] = []
         self.n = len(q)
 
-    def start(self, delay) -> None:
+    def start(self, delay, rate=None) -> None:
         for w in range(1, self.n + 1):
-            self.schedule(w, 0, delay)
+            self.schedule(w, 0, delay, rate)
 
-    def schedule(self, worker: int, step: int, delay) -> None:
-        """Worker ``worker`` starts its step ``step`` now; it arrives after compute time + delay."""
+    def schedule(self, worker: int, step: int, delay, rate=None) -> None:
+        """Worker ``worker`` starts its step ``step`` now; it arrives after compute time + delay.
+
+        ``delay(worker, step)`` adds seconds (stragglers); ``rate(worker)`` divides the compute time
+        (a flooding worker arrives that many times as often)."""
         q = float(self.q[worker - 1])
         if q <= 0:
             return
         compute = -math.log1p(-float(torch.rand((), generator=self.gen, dtype=torch.float64)))
         compute *= self.step_time / (self.n * q)
+        if rate is not None:
+            compute /= rate(worker)
         heapq.heappush(self.queue, (self.now + compute + delay(worker, step), worker))
 
     def next(self) -> int:

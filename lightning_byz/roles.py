@@ -64,6 +64,9 @@ def make_server(strategy: AsyncPSStrategy, params: torch.Tensor, split: Optimize
         attack=strategy.faults.server_attack if strategy.faults else None,
         buffers_numel=buffers_numel,
         clock=clock,
+        min_workers=strategy.min_workers,
+        max_staleness=strategy.max_staleness,
+        max_weight=strategy.max_weight,
     )
 
 
@@ -271,10 +274,15 @@ class MPIWorkerRole(Role):
             self._apply(self.transport.wait_stop())
             return closure()  # Lightning insists the closure runs; its gradient goes nowhere
         msg, result = worker.message(self.flat.params, closure)
-        delay = self.strategy.faults.delay(worker.worker, msg.step)
-        if delay > 0:
+        faults = self.strategy.faults
+        repeats = max(1, round(faults.rate(worker.worker)))  # a flooding worker resends at once
+        delay = faults.delay(worker.worker, msg.step)
+        if delay > 0 and repeats == 1:
             time.sleep(delay)
-        self._apply(self.transport.exchange(msg))
+        for _ in range(repeats):
+            self._apply(self.transport.exchange(msg))
+            if self.stopped:
+                break
         return result
 
     def _apply(self, reply: Reply) -> None:

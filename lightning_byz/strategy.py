@@ -72,6 +72,10 @@ class AsyncPSStrategy(SingleDeviceStrategy):
             reported and left out of the aggregate until it sends again.
         seed: seeds the simulation (arrivals, shards) and the fault generators.
         sim_step_time: simulated mean compute time of one worker step under uniform arrivals.
+        min_workers: warm-up: distinct workers the server must hear from before its first update
+            (default: all); nobody is answered before it, so speed buys no weight at the start.
+        max_staleness: reject (and count) updates computed more than this many versions ago.
+        max_weight: cap on any worker's async weight s_i / Σ s_j, in (0, 1].
     """
 
     strategy_name = "async_ps"
@@ -88,6 +92,9 @@ class AsyncPSStrategy(SingleDeviceStrategy):
         worker_timeout: float = 60.0,
         seed: int = 0,
         sim_step_time: float = 0.05,
+        min_workers: int | None = None,
+        max_staleness: int | None = None,
+        max_weight: float | None = None,
         aggregator_kwargs: dict[str, Any] | None = None,
         **kwargs: Any,
     ):
@@ -137,6 +144,8 @@ class AsyncPSStrategy(SingleDeviceStrategy):
                 raise ValueError(f"num_workers must be >= 1, got {num_workers}")
             self.num_workers = int(num_workers)
         self.arrival_q = arrival_probabilities(arrival, self.num_workers)
+        self.min_workers, self.max_staleness, self.max_weight = min_workers, max_staleness, max_weight
+        ParameterServer.check_options(self.num_workers, sync_quorum, min_workers, max_staleness, max_weight)
         self.faults = FaultSet()
         self.worker_fault_metrics: dict[str, float] = {}  # MPI server: the workers' fault counters at the end
         self.server: ParameterServer | None = None  # the server's state, on the server (kept after fit)

@@ -46,10 +46,10 @@ class Clock:
         return self.now
 
 
-def make_loop(n=3, mode="async", quorum=None, timeout=math.inf, buffers=0, clock=None):
+def make_loop(n=3, mode="async", quorum=None, timeout=math.inf, buffers=0, clock=None, **options):
     server = ParameterServer(
-        torch.zeros(D), n, get_aggregator("mean"), SGDServer(), lr=lambda: 1.0, mode=mode, quorum=quorum,
-        worker_timeout=timeout, buffers_numel=buffers, clock=clock or Clock(),
+        torch.zeros(D), n, get_aggregator(options.pop("aggregator", "mean")), SGDServer(), lr=lambda: 1.0,
+        mode=mode, quorum=quorum, worker_timeout=timeout, buffers_numel=buffers, clock=clock or Clock(), **options,
     )
     transport = MemoryTransport()
     return ServeLoop(server, transport), transport
@@ -60,7 +60,7 @@ def msg(worker, value=1.0, step=0, version=0, vector=True):
 
 
 def test_async_every_accepted_arrival_is_an_update_and_its_sender_is_answered():
-    loop, transport = make_loop()
+    loop, transport = make_loop(min_workers=1)
     transport.inbox.extend([msg(2, 1.0), msg(1, 3.0)])
     loop.serve_until_update()
     assert transport.sent[0][0] == 2 and transport.sent[0][1].version == 1
@@ -116,7 +116,7 @@ def test_sync_round_closes_on_a_quiet_poll_once_a_worker_is_silent():
 
 
 def test_stop_sends_the_final_point_to_every_worker():
-    loop, transport = make_loop()
+    loop, transport = make_loop(min_workers=1)
     transport.inbox.append(msg(1))
     loop.serve_until_update()
     transport.answered()
@@ -129,7 +129,7 @@ def test_aggregated_buffers_reach_the_server_model_and_every_reply():
     module = nn.BatchNorm1d(2)
     model = FlatModel(module)
     server = ParameterServer(model.params, 3, get_aggregator("mean"), SGDServer(), lr=lambda: 0.0,
-                             buffers_numel=model.buffers_numel)
+                             buffers_numel=model.buffers_numel, min_workers=1)
     transport = MemoryTransport()
     loop = ServeLoop(server, transport, model=model)
     for w, value in [(1, 1.0), (2, 5.0), (3, 2.0)]:
@@ -138,6 +138,110 @@ def test_aggregated_buffers_reach_the_server_model_and_every_reply():
     median = torch.full((model.buffers_numel,), 2.0)  # weighted median of 1, 5, 2
     assert torch.equal(model.gather_buffers(), median)
     assert torch.equal(transport.sent[-1][1].buffers, median)
+
+
+def test_warm_up_waits_for_every_worker_and_counts_each_once():
+    loop, transport = make_loop()
+    transport.inbox.extend([msg(1, 100.0), msg(1, 100.0), msg(1, 100.0), msg(2, 1.0)])  # 1 floods first
+    for _ in range(4):
+        assert not loop.serve_one()
+    assert transport.sent == [] and loop.server.counts.tolist() == [1, 1, 0]
+    transport.inbox.append(msg(3, 1.0))
+    assert loop.serve_one()
+    assert sorted(transport.answered()) == [1, 1, 1, 2, 3]
+    # the first update weighs the three workers equally: mean(100, 1, 1) = 34
+    assert torch.equal(loop.server.params, torch.full((D,), -34.0))
+    transport.inbox.append(msg(2, 1.0, version=1))  # after the warm-up: async, one arrival one update
+    assert loop.serve_one() and transport.answered() == [2]
+
+
+def test_warm_up_cannot_be_owned_by_the_first_arrival_at_any_magnitude():
+    for magnitude in (1e3, 1e15, 3e38):
+        loop, transport = make_loop(n=5, aggregator="cwmed")
+        transport.inbox.extend([msg(1, magnitude), msg(2, -magnitude)] + [msg(w, 1.0) for w in (3, 4, 5)])
+        loop.serve_until_update()
+        assert torch.equal(loop.server.params, torch.full((D,), -1.0)), magnitude
+
+
+def test_warm_up_goes_on_without_a_worker_that_stays_silent():
+    clock = Clock()
+    loop, transport = make_loop(timeout=5.0, clock=clock)
+    transport.inbox.extend([msg(1), msg(2)])
+    assert not loop.serve_one() and not loop.serve_one() and not loop.serve_one()
+    clock.now = 6.0  # 1 and 2 wait for the server, so they are not silent; 3 never spoke
+    assert loop.serve_one()
+    assert sorted(transport.answered()) == [1, 2] and loop.server.silent == {3}
+
+
+def test_max_staleness_rejects_old_updates_and_answers_them():
+    loop, transport = make_loop(min_workers=1, max_staleness=2)
+    for _ in range(4):
+        transport.inbox.append(msg(1, version=loop.server.version))
+        loop.serve_until_update()
+    transport.answered()
+    transport.inbox.append(msg(2, version=1))  # 3 versions old
+    assert not loop.serve_one()
+    assert transport.answered() == [2] and loop.server.rejected["stale"] == 1
+
+
+def test_max_weight_caps_a_flooding_worker():
+    loop, transport = make_loop(min_workers=1, max_weight=0.5)
+    for _ in range(8):
+        transport.inbox.append(msg(1, 0.0, version=loop.server.version))
+        loop.serve_until_update()
+    transport.inbox.append(msg(2, 1.0, version=loop.server.version))
+    loop.serve_until_update()
+    w = loop.server.weights(torch.tensor([1, 2]))
+    assert torch.allclose(w, torch.tensor([0.5, 0.5]))  # uncapped: 8/9 and 1/9
+
+
+def test_cap_weights_properties():
+    from lightning_byz.ps.server import cap_weights
+
+    w = torch.tensor([0.7, 0.2, 0.05, 0.05], dtype=torch.float64)
+    capped = cap_weights(w, 0.3)
+    assert torch.allclose(capped.sum(), torch.tensor(1.0, dtype=torch.float64))
+    assert float(capped.max()) <= 0.3 + 1e-12
+    assert torch.allclose(capped[2], capped[3]) and capped[1] > capped[2]  # order kept among the free
+    assert torch.equal(cap_weights(w, 1.0), w)
+    assert torch.allclose(cap_weights(w, 0.2), torch.full((4,), 0.25, dtype=torch.float64))  # infeasible
+
+
+def test_non_finite_or_overflowing_aggregate_is_skipped_and_counted():
+    def explode(X, w):
+        return torch.full((X.shape[1],), float("inf"))
+
+    def huge(X, w):
+        return torch.full((X.shape[1],), 3e38)
+
+    for agg, reason in ((explode, "non-finite aggregate"), (huge, "aggregate too large for the server step")):
+        server = ParameterServer(torch.zeros(D), 1, agg, SGDServer(), lr=lambda: 10.0)
+        assert server.receive(msg(1))
+        server.update()
+        assert server.version == 0 and server.skipped[reason] == 1 and torch.equal(server.params, torch.zeros(D))
+        assert server.metrics()["skipped_updates"] == 1.0
+
+
+def test_non_finite_rows_from_the_attack_slot_are_left_out():
+    def attack(vectors, weights, workers):
+        out = vectors.clone()
+        out[workers == 1] = float("nan")
+        return out
+
+    server = ParameterServer(torch.zeros(D), 2, get_aggregator("mean"), SGDServer(), lr=lambda: 1.0, attack=attack)
+    server.receive(msg(1, 5.0))
+    assert server.receive(msg(2, 1.0))
+    server.update()
+    assert torch.equal(server.params, torch.full((D,), -1.0)) and server.rejected_by_worker[1] == 1
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"min_workers": 0}, "min_workers"), ({"min_workers": 4}, "min_workers"), ({"max_staleness": -1}, "max_staleness"),
+    ({"max_weight": 0.0}, "max_weight"), ({"max_weight": 1.5}, "max_weight"), ({"quorum": 4}, "sync_quorum"),
+])
+def test_bad_server_options_are_clear_errors(options, message):
+    with pytest.raises(ValueError, match=message):
+        make_loop(**options)
 
 
 # -- the worker step ----------------------------------------------------------------------------

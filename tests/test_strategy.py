@@ -96,7 +96,7 @@ def test_registered_by_name_and_crashed_worker_is_left_out():
     trainer.strategy.worker_timeout = 0.5  # virtual seconds: ~10 of the others' steps
     trainer.fit(_Model(), _loader())
     server = trainer.strategy.server
-    assert server.counts[1] == 3 and int(server.counts.sum()) == 60
+    assert server.counts[1] == 3 and int(server.counts.sum()) == server.min_workers + 59  # the warm-up: one each
     assert 2 in server.silent  # reported and left out of the aggregate
 
 
@@ -166,3 +166,24 @@ def test_loss_scaling_is_a_clear_error():
 def test_bad_configuration_is_rejected_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):
         AsyncPSStrategy(**kwargs)
+
+
+@pytest.mark.parametrize("min_workers, bound", [(None, 5.0), (1, None)])
+def test_fastest_byzantine_workers_cannot_own_the_first_update(min_workers, bound):
+    """3 of 9 workers send random vectors (std 100) and arrive 50x as often: without the warm-up the
+    first update is theirs alone; with it, the weighted median of all nine barely moves the model."""
+    from lightning_byz.faults import ByzantineWorkers
+
+    torch.manual_seed(0)
+    model = user_mlp.MLP()
+    start = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
+    attack = ByzantineWorkers(workers=[1, 2, 3], attack="random", scale=100.0, flood=50.0)
+    strategy = AsyncPSStrategy(aggregator="cwmed", transport="simulated", num_workers=9, min_workers=min_workers)
+    trainer = L.Trainer(strategy=strategy, accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[attack])
+    trainer.fit(model, user_mlp.loaders()[0])
+    moved = float((torch.cat([p.detach().reshape(-1) for p in model.parameters()]) - start).norm())
+    if bound is None:
+        assert moved > 1000.0  # lr 0.1 × a random vector of std 100 in 50,890 dimensions
+    else:
+        assert moved < bound

@@ -161,6 +161,10 @@ class ByzantineWorkers(WorkerFault):
         perturbation: min_max/min_sum's direction, one of :data:`PERTURBATIONS`.
         target_worker: the honest worker whose vector ``mimic`` copies; default: chosen at each
             update by :func:`mimic_index`. While it has not been heard from, rows are left as sent.
+        flood: the Byzantine workers arrive this many times as often as they otherwise would (a
+            rate-aware adversary buying weight s_i by speed). Simulated: their compute time is
+            divided by ``flood``; MPI: each message is sent ``round(flood)`` times, without delay.
+            The server's answers: the warm-up, ``max_weight`` and ``max_staleness``.
     """
 
     kind = "byzantine"
@@ -176,6 +180,7 @@ class ByzantineWorkers(WorkerFault):
         target_key: int | str = 1,
         perturbation: str = "unit",
         target_worker: int | None = None,
+        flood: float = 1.0,
     ) -> None:
         super().__init__(workers)
         if attack not in ATTACKS:
@@ -198,6 +203,9 @@ class ByzantineWorkers(WorkerFault):
                 raise ValueError(
                     f"mimic: target_worker {target_worker} is Byzantine; it must be an honest worker"
                 )
+        if not (math.isfinite(flood) and flood >= 1):
+            raise ValueError(f"flood must be a finite number >= 1 (times the normal arrival rate), got {flood}")
+        self.flood = float(flood)
         self.attack = attack
         self.num_classes = num_classes
         self.scale = float(scale)
@@ -206,6 +214,9 @@ class ByzantineWorkers(WorkerFault):
         self.target_worker = target_worker
         self.target_key = target_key
         self.z = z
+
+    def arrival_rate(self, worker: int) -> float:
+        return self.flood if worker in self.workers else 1.0
 
     def setup_faults(self, num_workers: int, seed: int) -> None:
         super().setup_faults(num_workers, seed)

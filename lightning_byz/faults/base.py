@@ -7,6 +7,8 @@ mode, so one configuration (worker ids 1..N for N workers) behaves the same in b
 - ``setup_faults`` once before training (validate ids against the worker count: ``ValueError``),
 - ``on_worker_batch`` on a worker's batch before its training step (data-level faults),
 - ``worker_delay`` seconds a worker waits before sending (stragglers; virtual time when simulated),
+- ``arrival_rate``: how many times as often as an honest worker it arrives (a flooding worker;
+  simulated: its compute time is divided by the rate; MPI: it sends each message that many times),
 - ``on_worker_message`` on the vector a worker is about to send; ``None`` means nothing arrives
   (drop attack, a lost message); the server then answers with the current parameters,
 - ``crashed``: the worker has stopped for good (crash-stop),
@@ -21,6 +23,7 @@ Hooks default to doing nothing, so a fault overrides only what it needs.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable
 
 from torch import Tensor
@@ -37,6 +40,9 @@ class Fault:
 
     def worker_delay(self, worker: int, step: int) -> float:
         return 0.0
+
+    def arrival_rate(self, worker: int) -> float:
+        return 1.0
 
     def on_worker_message(self, worker: int, step: int, vector: Tensor) -> Tensor | None:
         return vector
@@ -86,6 +92,9 @@ class FaultSet:
 
     def delay(self, worker: int, step: int) -> float:
         return sum(fault.worker_delay(worker, step) for fault in self.faults)
+
+    def rate(self, worker: int) -> float:
+        return math.prod(fault.arrival_rate(worker) for fault in self.faults)
 
     def crashed(self, worker: int, step: int) -> bool:
         return any(fault.crashed(worker, step) for fault in self.faults)

@@ -138,6 +138,10 @@ class ServerRule:
         """Update ``params`` (x) in place; ``lr`` is read per call (schedulers change it)."""
         raise NotImplementedError
 
+    def step_scale(self, lr: float) -> float:
+        """The largest factor the next :meth:`step` multiplies the direction by (overflow guard)."""
+        return lr
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -167,6 +171,9 @@ class AnyTimeServer(ServerRule):
         self.t += 1
         alpha_t, mix = rules.anytime_weights(self.schedule, self.gamma, self.t)
         rules.anytime_step_(params, self.w, direction, lr, alpha_t, mix)
+
+    def step_scale(self, lr: float) -> float:
+        return lr * rules.anytime_weights(self.schedule, self.gamma, self.t + 1)[0]
 
     def state_dict(self) -> dict[str, Any]:
         return {"t": self.t, "w": self.w}

@@ -4,10 +4,13 @@
 :class:`Rejection`, or nothing within the poll timeout), lets the :class:`ParameterServer`
 validate it, applies an update when one is due and decides whom to answer:
 
-- ``async``: every accepted arrival is an update; the sender is answered at once;
+- warm-up (both modes): nobody is answered before the first update, which waits for
+  ``min_workers`` distinct workers (see :mod:`lightning_byz.ps.server`);
+- ``async``: then every accepted arrival is an update; the sender is answered at once;
 - ``sync``: a worker whose vector joined the round waits for the round's update, then everyone
-  waiting is answered; a rejected or empty message is answered at once (it did not join the round,
-  and the sender may try again), so one broken worker cannot hold a round hostage;
+  waiting is answered;
+- a rejected or empty message is answered at once (it joined no round or warm-up, and the sender
+  may try again), so one broken worker cannot hold the others hostage;
 - a poll that times out lets the server notice silent workers; a sync round they left incomplete
   then closes with the workers it has.
 
@@ -77,7 +80,7 @@ class ServeLoop:
         self.pending.append(got.worker)
         if due:
             self._update()
-        if due or server.mode == "async":
+        if due or (server.mode == "async" and server.warm):
             self.answer(self.pending)
         elif got.worker not in server.round:
             self.answer([got.worker])

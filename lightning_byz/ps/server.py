@@ -6,6 +6,28 @@ and what it rejected. The serve loop (:mod:`lightning_byz.ps.serve`) feeds it :c
 objects from a transport; it validates each one, and in ``async`` mode every accepted arrival
 triggers an update; in ``sync`` mode an update happens once ``quorum`` workers have contributed to
 the current round.
+
+**Warm-up.** No update is applied before the server holds a first vector from ``min_workers``
+distinct workers (default: all; a worker silent for ``worker_timeout`` stops counting, so a dead
+rank cannot block the start). Until then nobody is answered, so each early worker counts once.
+Why: the robustness of a weighted rule holds while the Byzantine share of the *heard* weight,
+λ_t = Σ_{i∈B} s_i / Σ_j s_j, stays below the rule's breakdown point (λ < 1/2 for the medians and
+w-CTMA). Without a warm-up the first update aggregates whoever arrived first: a Byzantine worker
+that makes itself the fastest has λ_1 = 1 and owns the model at step 1, at any magnitude. With it,
+λ_1 = f / |heard| ≤ f / (N − silent) for f Byzantine workers, and afterwards every accepted
+message adds one to its sender's s_i only, so λ_t can grow only as fast as the Byzantine workers'
+real arrival rate (bounded further by ``max_weight`` and ``max_staleness``). The released code of
+Dahan & Levy likewise takes one step from every worker before training.
+
+**Bounded influence.** ``max_staleness`` rejects (and counts) updates computed more than that many
+versions ago: a flooding or lagging worker cannot push stale directions. ``max_weight`` caps every
+worker's async weight s_i / Σ s_j at that fraction (the excess is shared among the others in
+proportion to their weights), so no rate, however high, buys more than ``max_weight`` of an update.
+
+**Defence in depth.** Rows are validated on arrival (size, NaN/Inf, version); rows written by the
+omniscient-attack slot are validated too (a non-finite one is left out and counted). An update whose
+aggregate is non-finite, or so large that the server step could overflow, is skipped and counted by
+reason (``skipped``), logged with the workers involved; training goes on.
 """
 
 from __future__ import annotations
@@ -44,6 +66,9 @@ class ParameterServer:
         attack: the omniscient-attack slot ``attack(vectors, weights, workers) -> vectors``.
         buffers_numel: size of the buffer part of messages (0: none).
         clock: time source (``time.monotonic``; the simulation passes its virtual clock).
+        min_workers: distinct workers heard before the first update (default: all).
+        max_staleness: reject updates more than this many versions old (default: no limit).
+        max_weight: cap on one worker's async weight, in (0, 1] (default: no cap).
     """
 
     def __init__(
@@ -59,16 +84,21 @@ class ParameterServer:
         attack: Attack | None = None,
         buffers_numel: int = 0,
         clock: Callable[[], float] = time.monotonic,
+        min_workers: int | None = None,
+        max_staleness: int | None = None,
+        max_weight: float | None = None,
     ):
         if mode not in ("async", "sync"):
             raise ValueError(f"mode must be 'async' or 'sync', got {mode!r}")
-        if num_workers < 1:
-            raise ValueError(f"need at least one worker, got num_workers={num_workers}")
-        quorum = num_workers if quorum is None else int(quorum)
-        if not 1 <= quorum <= num_workers:
-            raise ValueError(f"sync_quorum must lie in [1, {num_workers}], got {quorum}")
         if not worker_timeout > 0:
             raise ValueError(f"worker_timeout must be > 0 seconds, got {worker_timeout}")
+        ParameterServer.check_options(num_workers, quorum, min_workers, max_staleness, max_weight)
+        quorum = num_workers if quorum is None else int(quorum)
+        min_workers = num_workers if min_workers is None else min_workers
+        self.min_workers = min_workers
+        self.max_staleness = max_staleness
+        self.max_weight = max_weight
+        self.warm = False  # the warm-up is over (the first update happened)
         self.params = params
         self.num_workers = num_workers
         self.aggregator = aggregator
@@ -83,14 +113,33 @@ class ParameterServer:
         self.latest = torch.zeros(num_workers, d, dtype=dt, device=dev)
         self.latest_buffers = torch.zeros(num_workers, buffers_numel, dtype=dt, device=dev)
         self.counts = torch.zeros(num_workers, dtype=torch.long)
-        self.last_heard = [math.nan] * num_workers
+        self.last_heard = [clock()] * num_workers  # a worker never heard is silent after the timeout
         self.silent: set[int] = set()
-        self.round: set[int] = set()
+        self.round: set[int] = set()  # workers whose vectors wait for the next update (sync, warm-up)
         self.version = 0
         self.rejected: Counter[str] = Counter()
         self.rejected_by_worker: Counter[int] = Counter()
         self.lost = 0
+        self.skipped: Counter[str] = Counter()
         self.staleness: list[int] = []
+
+    @staticmethod
+    def check_options(num_workers: int, quorum: int | None, min_workers: int | None,
+                      max_staleness: int | None, max_weight: float | None) -> None:
+        """``ValueError`` for options no server could run with (checked at configuration time too)."""
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if not is_int(num_workers) or num_workers < 1:
+            raise ValueError(f"need at least one worker, got num_workers={num_workers!r}")
+        if quorum is not None and not (is_int(quorum) and 1 <= quorum <= num_workers):
+            raise ValueError(f"sync_quorum must be an integer in [1, {num_workers}], got {quorum!r}")
+        if min_workers is not None and not (is_int(min_workers) and 1 <= min_workers <= num_workers):
+            raise ValueError(f"min_workers must be an integer in [1, {num_workers}], got {min_workers!r}")
+        if max_staleness is not None and not (is_int(max_staleness) and max_staleness >= 0):
+            raise ValueError(f"max_staleness must be an integer >= 0 (versions), got {max_staleness!r}")
+        if max_weight is not None and not (isinstance(max_weight, (int, float)) and 0 < max_weight <= 1):
+            raise ValueError(f"max_weight must lie in (0, 1], got {max_weight!r}")
 
     # -- messages -----------------------------------------------------------------------------
     def receive(self, msg: Message) -> bool:
@@ -110,17 +159,22 @@ class ParameterServer:
         self.latest[i].copy_(msg.vector, non_blocking=True)
         if self.latest_buffers.shape[1] and msg.buffers is not None:
             self.latest_buffers[i].copy_(msg.buffers, non_blocking=True)
-        self.counts[i] += 1
+        if self.warm:
+            self.counts[i] += 1
+        else:  # warm-up: each worker counts once, however often it sends
+            self.counts[i] = 1
         self.staleness.append(self.version - msg.version)
-        if self.mode == "async":
+        if self.mode == "async" and self.warm:
             return True
         self.round.add(msg.worker)
         return self.round_complete()
 
     def round_complete(self) -> bool:
-        """Sync: the round has ``quorum`` contributors (fewer when workers went silent)."""
+        """The collection is complete: ``min_workers`` during the warm-up, then (sync) ``quorum``
+        contributors per round; fewer when workers went silent."""
         self.active_workers()
-        return len(self.round) >= min(self.quorum, self.num_workers - len(self.silent))
+        need = self.min_workers if not self.warm else self.quorum if self.mode == "sync" else 1
+        return len(self.round) >= min(need, self.num_workers - len(self.silent))
 
     def reject(self, worker, reason: str) -> None:
         """Count a rejected message (by reason and sender) and say so in the log (3 times a sender)."""
@@ -146,15 +200,18 @@ class ParameterServer:
                 return "non-finite values (NaN/Inf) in the buffers"
         if msg.version > self.version:
             return f"version {msg.version} from the future (server is at {self.version})"
+        if self.max_staleness is not None and self.version - msg.version > self.max_staleness:
+            return f"stale: computed at version {msg.version}, server at {self.version} (max_staleness {self.max_staleness})"
         return None
 
     # -- aggregation --------------------------------------------------------------------------
     def active_workers(self) -> Tensor:
-        """Worker ids (1-based) that have contributed and are not silent beyond the timeout."""
+        """Worker ids (1-based) that have contributed and are not silent beyond the timeout (a worker
+        waiting for the next update is not silent: the server keeps it waiting)."""
         now = self.clock()
         for i, t in enumerate(self.last_heard):
             wid = i + 1
-            if wid not in self.silent and now - t > self.worker_timeout:
+            if wid not in self.silent and wid not in self.round and now - t > self.worker_timeout:
                 self.silent.add(wid)
                 log.warning("worker %d silent for %.1fs: left out of the aggregate", wid, now - t)
         heard = self.counts > 0
@@ -166,30 +223,55 @@ class ParameterServer:
         return torch.nonzero(heard).flatten() + 1
 
     def weights(self, workers: Tensor) -> Tensor:
-        """Async: s_i / Σ s_j over ``workers``; sync: uniform over the round."""
+        """Async: s_i / Σ s_j over ``workers`` (capped at ``max_weight``); sync: uniform over the round."""
         if self.mode == "sync":
             w = torch.ones(len(workers), dtype=self.params.dtype)
         else:
             w = self.counts[workers - 1].to(self.params.dtype)
-        return (w / w.sum()).to(self.params.device)
+        w = w / w.sum()
+        if self.max_weight is not None:
+            w = cap_weights(w, self.max_weight)
+        return w.to(self.params.device)
 
     def update(self) -> Tensor:
-        """Aggregate the active workers' latest vectors, step the server rule; return the workers used."""
+        """Aggregate the active workers' latest vectors, step the server rule; return the workers used.
+
+        The update is skipped (counted in ``skipped``, the version unchanged) when its aggregate is
+        non-finite or so large that the step could overflow the server's state."""
         workers = self.active_workers()
         if len(workers) == 0:
             raise RuntimeError("no active worker to aggregate (all silent)")
         w = self.weights(workers)
         vectors = self.latest if len(workers) == self.num_workers else self.latest[workers - 1]
         if self.attack is not None:
-            vectors = self.attack(vectors, w, workers)
+            vectors, w, workers = self._checked_attack(vectors, w, workers)
         if isinstance(self.aggregator, Aggregator):  # rows were validated on arrival
             direction = self.aggregator.aggregate_checked(vectors, w)
         else:
             direction = self.aggregator(vectors, w)
-        self.server_rule.step([self.params], [direction], self.lr())
-        self.version += 1
+        lr = self.lr()
+        largest = float(direction.abs().amax()) * self.server_rule.step_scale(lr)
+        if not largest < torch.finfo(self.params.dtype).max / 4:
+            reason = "non-finite aggregate" if not math.isfinite(largest) else "aggregate too large for the server step"
+            self.skipped[reason] += 1
+            log.error("update skipped (%s) over workers %s", reason, workers.tolist())
+        else:
+            self.server_rule.step([self.params], [direction], lr)
+            self.version += 1
         self.round.clear()
+        self.warm = True
         return workers
+
+    def _checked_attack(self, vectors: Tensor, w: Tensor, workers: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Run the attack slot; rows it made non-finite are left out (as on arrival) and counted."""
+        vectors = self.attack(vectors, w, workers)
+        bad = nonfinite_rows(vectors)
+        if bool(bad.any()):
+            for worker in workers[bad.cpu()].tolist():
+                self.reject(worker, "non-finite values (NaN/Inf) in the update")
+            keep = ~bad
+            vectors, w, workers = vectors[keep], w[keep] / w[keep].sum(), workers[keep.cpu()]
+        return vectors, w, workers
 
     def buffers(self) -> Tensor | None:
         """Coordinate-wise weighted median of the active workers' buffers (robust to a few liars)."""
@@ -202,7 +284,8 @@ class ParameterServer:
     # -- reporting and checkpoints --------------------------------------------------------------
     def metrics(self) -> dict[str, float]:
         """Staleness since the last call, weights, rejections: what the strategy logs."""
-        out: dict[str, float] = {"rejected": float(sum(self.rejected.values())), "lost": float(self.lost)}
+        out: dict[str, float] = {"rejected": float(sum(self.rejected.values())), "lost": float(self.lost),
+                                 "skipped_updates": float(sum(self.skipped.values()))}
         if self.staleness:
             out["staleness_mean"] = sum(self.staleness) / len(self.staleness)
             out["staleness_max"] = float(max(self.staleness))
@@ -223,6 +306,8 @@ class ParameterServer:
             "version": self.version,
             "rejected": dict(self.rejected),
             "lost": self.lost,
+            "skipped": dict(self.skipped),
+            "warm": self.warm,
             "server_rule": self.server_rule.state_dict(),
         }
 
@@ -239,5 +324,27 @@ class ParameterServer:
         self.version = int(state["version"])
         self.rejected = Counter(state["rejected"])
         self.lost = int(state["lost"])
+        self.skipped = Counter(state.get("skipped", {}))
+        self.warm = bool(state.get("warm", True))  # checkpoints before the warm-up existed were past it
         self.server_rule.load_state_dict(state["server_rule"])
         self.last_heard = [self.clock()] * self.num_workers
+
+
+def cap_weights(w: Tensor, cap: float) -> Tensor:
+    """Weights ``w`` (summing to 1) with none above ``cap``: the excess of capped rows goes to the
+    others in proportion to their weights, repeated until none exceeds the cap (at most k rounds).
+    When ``cap`` < 1/k no weighting can satisfy it; the result is then uniform."""
+    k = w.numel()
+    if cap * k <= 1:
+        return torch.full_like(w, 1.0 / k)
+    w = w.clone()
+    for _ in range(k):
+        over = w > cap
+        if not bool(over.any()):
+            break
+        free = ~over & (w < cap)
+        excess = float((w[over] - cap).sum())
+        w[over] = cap
+        if bool(free.any()) and float(w[free].sum()) > 0:
+            w[free] += excess * w[free] / w[free].sum()
+    return w

@@ -4,7 +4,9 @@
 that worker's :class:`~lightning_byz.ps.WorkerStep` computes its message on the next batch of its
 shard (running Lightning's closure at the worker's own point), and the message goes to the serve
 loop; ``reply`` hands a worker its new point and schedules its next arrival. Crashed workers are
-never scheduled again. So the serve loop, validation, faults and the worker step are the very code
+never scheduled again. When no arrival is due but some worker waits for the server (a warm-up or a
+sync round short of silent workers), a poll lets ``timeout`` virtual seconds pass and returns
+nothing, as a quiet MPI poll would, so timeouts fire in virtual time too. So the serve loop, validation, faults and the worker step are the very code
 an MPI run executes; only the clock is virtual, and the run is deterministic.
 """
 
@@ -45,23 +47,30 @@ class SimulatedTransport:
         self.closure: Callable[[], Any] | None = None
         self.batch: Any = None
         self.result: Any = None
-        clock.start(faults.delay)
+        self.waiting: set[int] = set()  # workers that sent and wait for a reply
+        clock.start(faults.delay, faults.rate)
 
-    def poll(self, timeout: float) -> Message:
-        """The next arrival's message (virtual time never times out)."""
-        while True:
+    def poll(self, timeout: float) -> Message | None:
+        """The next arrival's message; None after ``timeout`` virtual seconds when none is due."""
+        while self.clock.queue:
             w = self.clock.next()
             worker = self.workers[w - 1]
             if worker.crashed():
                 continue  # crash-stop: never scheduled again
             self.batch = worker.batch(self.to_device(self.streams[w - 1].next()))
             msg, self.result = worker.message(self.query[w - 1], self.closure)
+            self.waiting.add(w)
             return msg
+        if not self.waiting:
+            raise RuntimeError("no worker left to arrive: all crashed or have zero arrival probability")
+        self.clock.now += timeout
+        return None
 
     def reply(self, worker: int, reply: Reply) -> None:
         """Worker ``worker`` continues from ``reply.params``; a stop ends nothing here (one process)."""
         if reply.stop:
             return
+        self.waiting.discard(worker)
         self.query[worker - 1].copy_(reply.params)
         self.workers[worker - 1].version = reply.version
-        self.clock.schedule(worker, self.workers[worker - 1].step, self.faults.delay)
+        self.clock.schedule(worker, self.workers[worker - 1].step, self.faults.delay, self.faults.rate)
