@@ -8,9 +8,12 @@ On the way down: 0 continue, 1 stop (the payload holds the final parameters).
 The transport owns this format: the server side yields :class:`Message` / :class:`Rejection`
 objects and takes :class:`Reply` objects; the worker side sends a ``Message`` and returns a ``Reply``.
 
-The server keeps one persistent receive per worker and polls them (``Testany`` with a short
-back-off), so it acts on whichever worker is ready and never waits on a slow one; replies are
-non-blocking sends from per-worker host buffers. The PyPI Open MPI is not CUDA-aware, so GPU
+The server keeps one persistent receive per worker and polls them all (``Testsome`` with a short
+back-off), so it acts on whichever workers are ready and never waits on a slow one. Ready messages
+are served least-recently-served first, so identical workers get the same share whatever their rank
+(``Testany`` would always favour the lowest ready rank). Replies are non-blocking sends from
+per-worker host buffers; when a worker has not yet taken its previous reply (it sent again without
+receiving), the new reply is deferred, never waited for, so no worker can stall the server. The PyPI Open MPI is not CUDA-aware, so GPU
 tensors are staged through pinned host buffers; CPU tensors go to mpi4py as numpy views, no copy.
 """
 
@@ -100,21 +103,31 @@ class MPIServerTransport:
             comm.Recv_init([b.bytes, MPI.BYTE], source=w + 1, tag=TAG_UP) for w, b in enumerate(self.recv)
         ]
         self.sends: list[MPI.Request] = [MPI.REQUEST_NULL] * self.num_workers
+        self.deferred: dict[int, Reply] = {}  # worker -> the reply waiting for its previous one to leave
         MPI.Prequest.Startall(self.requests)
+        self._statuses = [MPI.Status() for _ in range(self.num_workers)]
+        self._ready: list[tuple[int, int]] = []  # (worker index, bytes) received, not yet handed out
+        self._served = [0] * self.num_workers  # when each worker was last served (a counter)
+        self._clock = 0
         self._consumed: int | None = None  # the worker whose message the last poll handed out
+        self._owed = [False] * self.num_workers  # a message of the worker's was received, not yet answered
 
     def poll(self, timeout: float) -> Message | Rejection | None:
         """Wait up to ``timeout`` s for one message; its tensors are valid until the next poll."""
         self._rearm()
-        status = MPI.Status()
         deadline = time.monotonic() + timeout
         spins, pause = 0, 2e-5
-        while True:
+        while not self._ready:
+            self._flush_deferred()
             try:
-                idx, flag = MPI.Request.Testany(self.requests, status)
+                done = MPI.Request.Testsome(self.requests, self._statuses)
             except MPI.Exception as exc:  # e.g. a message longer than its buffer: truncated
                 return self._unreadable(exc)
-            if flag and idx != MPI.UNDEFINED:
+            if done:
+                self._ready = [(i, self._statuses[k].Get_count(MPI.BYTE)) for k, i in enumerate(done)]
+                for i in done:
+                    self._owed[i] = True
+                self._ready.sort(key=lambda item: self._served[item[0]], reverse=True)  # pop() = least recent
                 break
             if time.monotonic() >= deadline:
                 return None
@@ -122,8 +135,11 @@ class MPIServerTransport:
             if spins > 50:
                 time.sleep(pause)
                 pause = min(pause * 2, 1e-3)
+        idx, nbytes = self._ready.pop()
+        self._clock += 1
+        self._served[idx] = self._clock
         self._consumed = idx
-        return self._decode(idx + 1, status.Get_count(MPI.BYTE))
+        return self._decode(idx + 1, nbytes)
 
     def _decode(self, worker: int, nbytes: int) -> Message | Rejection:
         """Read the received bytes of ``worker`` against the wire format."""
@@ -162,31 +178,48 @@ class MPIServerTransport:
         self._consumed = None
 
     def reply(self, worker: int, reply: Reply) -> None:
-        """Send ``reply`` to ``worker`` without blocking."""
+        """Send ``reply`` to ``worker`` without blocking (deferred while its previous reply is in flight)."""
         i = worker - 1
-        self.sends[i].Wait()  # the previous reply to this worker has left its buffer
+        self._owed[i] = False
+        if not self.sends[i].Test():  # the worker has not taken its previous reply yet
+            self.deferred[worker] = Reply(reply.version, reply.params.clone(), _clone(reply.buffers), reply.stop)
+            return
+        self.deferred.pop(worker, None)
+        self._send(i, reply)
+
+    def _flush_deferred(self) -> None:
+        """Send the deferred replies whose workers have taken the previous one."""
+        for worker in [w for w in self.deferred if self.sends[w - 1].Test()]:
+            self._send(worker - 1, self.deferred.pop(worker))
+
+    def _send(self, i: int, reply: Reply) -> None:
         buf = self.send[i]
         d = reply.params.numel()
         buf.payload[:d].copy_(reply.params)
         if reply.buffers is not None and reply.buffers.numel():
             buf.payload[d : d + reply.buffers.numel()].copy_(reply.buffers)
         buf.header[:] = (reply.version, DOWN_STOP if reply.stop else DOWN_CONTINUE, 0, 0)
-        self.sends[i] = self.comm.Isend([buf.bytes, MPI.BYTE], dest=worker, tag=TAG_DOWN)
+        self.sends[i] = self.comm.Isend([buf.bytes, MPI.BYTE], dest=i + 1, tag=TAG_DOWN)
 
     def close(self, drain: float) -> None:
-        """Wait for outstanding replies; cancel the receives nobody will match (after ``drain`` s)."""
+        """Deliver outstanding replies and absorb the last message of every worker that was computing
+        when it was stopped, for up to ``drain`` s; then cancel whatever nobody matched (a worker that
+        never takes its reply, or a crashed one, cannot hold the server)."""
         self._rearm()
-        MPI.Request.Waitall(self.sends)
+        computing = [i for i in range(self.num_workers) if not self._owed[i]]
         deadline = time.monotonic() + drain
-        pending = list(range(self.num_workers))
-        while pending and time.monotonic() < deadline:
-            pending = [i for i in pending if not self.requests[i].Test()]
-            if pending:
-                time.sleep(1e-3)
-        for i in pending:
-            self.requests[i].Cancel()
+        while time.monotonic() < deadline:
+            self._flush_deferred()
+            computing = [i for i in computing if not self.requests[i].Test()]
+            if not computing and not self.deferred and all(req.Test() for req in self.sends):
+                break
+            time.sleep(1e-3)
+        for req in [*self.sends, *self.requests]:
+            if not req.Test():
+                req.Cancel()
         for req in self.requests:
             req.Free()
+        self._ready = []
 
 
 class MPIWorkerTransport:
@@ -227,6 +260,10 @@ class MPIWorkerTransport:
         payload = self.inp.payload
         buffers = payload[self.d : self.d + self.b] if self.b else None
         return Reply(version, payload[: self.d], buffers, stop=flags == DOWN_STOP)
+
+
+def _clone(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.clone()
 
 
 def barrier(comm: MPI.Comm, timeout: float) -> None:
