@@ -57,10 +57,13 @@ _RESOLUTION = 2.0**17
 def take_prefix(avail: Tensor, budget: Tensor | float, dim: int = -1) -> Tensor:
     """Masses taken from ``avail`` (already in priority order along ``dim``) until ``budget`` is spent.
 
-    Greedy and fractional: whole entries while they fit, the boundary entry partly, zeros after.
+    Greedy and fractional: whole entries while they fit, the boundary entry partly, zeros after. Room
+    under ``_EPS`` counts as none: masses that add up to the budget in exact arithmetic but miss it by
+    rounding would otherwise hand the next entry a sliver, and a sliver of a row at 1e19 is not small.
     """
     before = avail.cumsum(dim) - avail
-    return torch.minimum((budget - before).clamp_min(0.0), avail)
+    room = budget - before
+    return torch.minimum(room.masked_fill(room <= _EPS, 0.0), avail)
 
 
 def unit_weight(w: Tensor) -> float:
@@ -143,10 +146,21 @@ def _near_mean(w: Tensor, G: Tensor) -> Tensor:
 
 def _medoid(G: Tensor, w: Tensor) -> Tensor:
     """Coefficients (one-hot) of the weighted medoid: the input of positive weight minimising
-    ``Σ_j w_j ||x_i − x_j||``, robust up to weight 1/2; infinitely far rows neither count nor compete."""
+    ``Σ_j w_j ||x_i − x_j||``, robust up to weight 1/2; infinitely far rows neither count nor compete.
+
+    The costs are compared as differences to the row r nearest the centre, ``Σ_j w_j (d_ij − d_rj)``
+    with ``d_ij − d_rj = (D_ij − D_rj)/(d_ij + d_rj)`` taken from the Gram matrix: the sums themselves
+    would let one row at 1e30 drown every difference between honest candidates in rounding.
+    """
     far = torch.isinf(torch.diagonal(G))
-    near_dists = pairwise_sq_dists(G).masked_fill_(far[None, :], 0.0).sqrt_()
-    cost = (near_dists @ w).masked_fill_((w <= 0) | far, math.inf)
+    finite = _finite_part(G)
+    sq = torch.diagonal(finite)
+    dist = pairwise_sq_dists(G).sqrt_()
+    r = int(torch.argmin(torch.diagonal(G)))
+    gap_sq = sq[:, None] - sq[r] - 2.0 * (finite - finite[r])  # D_ij − D_rj
+    sums = dist + dist[r]
+    gaps = torch.where(sums > 0, gap_sq / sums, 0.0)  # 0 towards infinitely far rows
+    cost = (gaps @ w).masked_fill_((w <= 0) | far, math.inf)
     c = torch.zeros_like(w)
     c[torch.argmin(cost)] = 1.0
     return c
