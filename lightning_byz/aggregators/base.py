@@ -135,15 +135,18 @@ class Aggregator:
         return f"{type(self).__name__}({args})"
 
 
-def gram(X: Tensor, center: bool | Tensor, scale: Tensor | None = None) -> Tensor:
-    """The n×n Gram matrix of the rows of ``X`` as float64, after subtracting their mean if ``center``
-    is True, or the point ``center`` if it is a [d] tensor; rows are multiplied by ``scale`` [n] if given.
+def gram(X: Tensor, center: bool | Tensor | Callable[[Tensor], Tensor] = False,
+         scale: Tensor | None = None) -> Tensor:
+    """The n×n Gram matrix of the rows of ``X`` as float64, after subtracting a centre: their mean if
+    ``center`` is True, the point ``center`` if it is a [d] tensor, ``center(block)`` from each
+    column block if it is a function (a coordinate-wise centre, computed in the same pass); rows are
+    then multiplied by ``scale`` [n] if given.
 
     One pass (two with the mean), no n×d temporary: column blocks (about 2 MB on CPU, cache-resident;
     32 MiB elsewhere) are formed in one reused buffer and their products summed in float64. Rows
     centred at their mean keep small pairwise distances exact in X's dtype (no cancellation between
     large ||x_i||²; distances follow as ``G_ii + G_jj − 2 G_ij``), so their blocks stay in it (the
-    fast path; it overflows or loses honest distances when some rows are huge, which
+    fast path; it overflows or loses the distances when some rows are huge, which
     :func:`~lightning_byz.aggregators.distance.centred_gram` detects). Every other block is formed in
     float64, which keeps inner products exact to float64 rounding and cannot overflow on float32 input.
     """
@@ -152,20 +155,24 @@ def gram(X: Tensor, center: bool | Tensor, scale: Tensor | None = None) -> Tenso
         block = max(1, 2**19 // (1024 * n)) * 1024  # a multiple of 1024: unaligned blocks run 30x slower
     else:
         block = max(1, 2**22 // n)
-    at_mean = isinstance(center, bool)
-    origin = (X.mean(dim=0) if center else None) if at_mean else center
-    fast = at_mean and center and scale is None
+    fast = center is True and scale is None
+    mean = X.mean(dim=0) if center is True else None
     G = torch.zeros(n, n, dtype=torch.float64, device=X.device)
     buffer = torch.empty(n, min(block, d), dtype=X.dtype if fast else torch.float64,
                          device=X.device)  # reused: no page faults
     for start in range(0, d, block):
+        cols = slice(start, start + block)
         B = buffer[:, : min(block, d - start)]
         if fast:
-            torch.sub(X[:, start : start + block], origin[start : start + block], out=B)
+            torch.sub(X[:, cols], mean[cols], out=B)
         else:
-            B.copy_(X[:, start : start + block])
-            if origin is not None:
-                B.sub_(origin[start : start + block])
+            B.copy_(X[:, cols])
+            if center is True:
+                B.sub_(mean[cols])
+            elif isinstance(center, Tensor):
+                B.sub_(center[cols])
+            elif callable(center):
+                B.sub_(center(X[:, cols]))
             if scale is not None:
                 B.mul_(scale[:, None])
         G += B @ B.T

@@ -10,10 +10,10 @@ of the number of iterations.
 
 Any finite magnitude. The fast Gram matrix is centred at the mean in X's dtype; a few huge rows
 (Byzantine ones, say) drag the mean along and overflow it or drown the honest distances in rounding.
-:func:`centred_gram` checks that in n-space and then, and only then, rebuilds the Gram matrix about
-the weighted coordinate-wise median (a point inside the honest rows) in float64: one more read of X
-for the median and one for the Gram matrix. A row still too far to square in float64 is *infinitely
-far*: every rule gives it coefficient 0 (as its distance → ∞ would), counts its weight where a rule
+:func:`centred_gram` checks that in n-space and then, and only then, rebuilds the Gram matrix in
+float64 about a point among the honest rows: the medoid row, or where rows at nested magnitudes hide
+it, the weighted coordinate-wise median (computed block by block in the same pass). Either costs one
+more read of X. A row still too far to square in float64 is *infinitely far*: every rule gives it coefficient 0 (as its distance → ∞ would), counts its weight where a rule
 counts mass, and never multiplies an infinity by 0. Every loop has a hard bound.
 
 Weights. All rules are weighted; ``w`` is normalised to sum 1 and ``lam`` is the weight fraction that
@@ -81,19 +81,20 @@ def _host(G: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _resolved(G: Tensor, w: Tensor, dtype: torch.dtype) -> bool:
-    """Whether the mean-centred Gram matrix ``G`` (host float64) resolves the rows' distances: finite,
-    and the typical row so close to the mean that rounding stays far below the typical distance.
+    """Whether the centred Gram matrix ``G`` (host float64, blocks formed in ``dtype``) resolves the
+    rows' distances: finite, and the typical row so close to the centre that rounding stays far below
+    the typical distance.
 
     "Typical" is a weighted median, which rows of less than half the weight cannot move: the distance
-    of a row to the mean, and over rows, the distance to the nearest half of the other rows' weight.
+    of a row to the centre, and over rows, the distance to the nearest half of the other rows' weight.
     """
-    if not bool(torch.isfinite(G).all()):
+    if not bool(torch.isfinite(_finite_part(G)).all()):  # rows marked infinitely far may stay
         return False
     others = w.expand_as(G).clone()
     others.diagonal().zero_()
-    spread = weighted_lower_median(weighted_lower_median(pairwise_sq_dists(G), others), w)
-    offset = weighted_lower_median(torch.diagonal(G), w)
-    return float(offset) * torch.finfo(dtype).eps * _RESOLUTION <= float(spread)
+    spread = float(weighted_lower_median(weighted_lower_median(pairwise_sq_dists(G), others), w))
+    offset = float(weighted_lower_median(torch.diagonal(G), w))
+    return math.isfinite(offset) and offset * torch.finfo(dtype).eps * _RESOLUTION <= spread
 
 
 def _mark_far(G: Tensor, far: Tensor | None = None) -> Tensor:
@@ -109,20 +110,32 @@ def _mark_far(G: Tensor, far: Tensor | None = None) -> Tensor:
 
 def _finite_part(G: Tensor) -> Tensor:
     """``G`` with the infinite diagonal entries of infinitely far rows replaced by 0."""
-    return G.nan_to_num(posinf=0.0) if bool(torch.isinf(torch.diagonal(G)).any()) else G
+    far = torch.isinf(torch.diagonal(G))
+    if bool(far.any()):
+        G = G.clone()
+        G.diagonal()[far] = 0.0
+    return G
 
 
 def centred_gram(X: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
     """Centred Gram matrix and weights as float64 on the host, exact at any finite magnitude.
 
-    Fast path: centred at the mean in X's dtype (:func:`gram`). If that overflowed or does not resolve
-    the rows' distances (:func:`_resolved`), rebuilt about the weighted coordinate-wise median in
-    float64 (two more reads of X); rows too far to square there are marked infinitely far.
+    Fast path: centred at the mean in X's dtype (:func:`gram`). If that does not resolve the rows'
+    distances (:func:`_resolved`), it still tells the far rows from the rest: rebuilt in float64 about
+    its medoid row, one more read of X. Should that not resolve them either (rows at nested magnitudes,
+    each hiding the next in rounding) or the fast matrix have overflowed, rebuilt instead about the
+    weighted coordinate-wise median, which lies inside the honest rows at every scale (computed block
+    by block in the same read). Rows too far to square in float64 are marked infinitely far.
     """
     G, wh = _host(gram(X, center=True), w)
     if _resolved(G, wh, X.dtype):
         return G, wh
-    return _mark_far(_host(gram(X, center=weighted_median(X, w)), w)[0]), wh
+    if bool(torch.isfinite(G).all()):
+        row = int(torch.argmax(_medoid(G, wh)))
+        G = _mark_far(_host(gram(X, center=X[row]), w)[0])
+        if _resolved(G, wh, torch.float64):
+            return G, wh
+    return _mark_far(_host(gram(X, center=lambda block: weighted_median(block, w)), w)[0]), wh
 
 
 def _sq_dists_to(c: Tensor, G: Tensor) -> Tensor:
@@ -202,12 +215,12 @@ class GeometricMedian(GramRule):
 
     Each step sets ``y = Σ β_i x_i / Σ β_i`` with ``β_i = w_i / max(nu, ||y − x_i||)`` (Pillutla,
     Kakade & Harchaoui, "Robust Aggregation for Federated Learning", IEEE TSP 2022, Alg. 2; weighted
-    version: Dahan & Levy, NeurIPS 2024), starting from the weighted mean of the half of the weight
-    nearest the weighted medoid (a robust start: from the plain mean, rows at 1e100 take hundreds of
-    steps to leave behind) and stopping after ``iters`` steps or once a step moves y by at most ``tol`` times the weighted
-    median distance from y to the inputs. (A relative decrease of the objective cannot serve: far rows
-    make the objective huge and every decrease look like 0.) Weights are the multiplicities of the
-    objective, so integer weights are exactly repeated rows. Breakdown: weight 1/2.
+    version: Dahan & Levy, NeurIPS 2024). It starts from the weighted mean of the half of the weight
+    nearest the weighted medoid (robust: from the plain mean, rows at 1e100 take hundreds of steps to
+    leave behind) and stops after ``iters`` steps or once a step moves y by at most ``tol`` times the
+    weighted median distance from y to the inputs (a relative decrease of the objective cannot serve:
+    far rows make the objective huge and every decrease look like 0). Weights are the multiplicities
+    of the objective, so integer weights are exactly repeated rows. Breakdown: weight 1/2.
     """
 
     def __init__(self, nu: float = 1e-6, iters: int = 100, tol: float = 1e-7):
