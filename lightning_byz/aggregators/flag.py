@@ -76,6 +76,11 @@ NORMALIZE_MODES = ("median", "unit", "none")
 _TINY, _HUGE = 2.0**-900, 2.0**900
 
 
+def _reciprocal(norms: Tensor) -> Tensor:
+    """``1/norms``, and 0 for zero rows (they have no direction), never inf."""
+    return torch.where(norms > 0, 1.0 / norms.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+
+
 def unit_gram(X: Tensor) -> tuple[Tensor, Tensor]:
     """Cosines ``K̂`` (n×n, float64, 0 for zero rows) and norms of the rows of ``X``, at any finite
     magnitude: from the plain Gram matrix (one pass) unless some squared norm is non-finite or
@@ -88,9 +93,8 @@ def unit_gram(X: Tensor) -> tuple[Tensor, Tensor]:
         scale = row_scales(X)
         K = gram(X, center=False, scale=scale)
     norms = torch.diagonal(K).clamp_min(0.0).sqrt()
-    inv = torch.where(norms > 0, 1.0 / norms.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
-    Kh = inv[:, None] * K * inv[None, :]
-    return Kh, norms if scale is None else norms / scale
+    inv = _reciprocal(norms)
+    return inv[:, None] * K * inv[None, :], norms if scale is None else norms / scale
 
 
 @dataclass(frozen=True)
@@ -178,7 +182,7 @@ class FlagAggregator(Aggregator):
         n = X.shape[0]
         m = self._subspace_dim(n)
         Kh, norms = unit_gram(X)
-        inv = torch.where(norms > 0, 1.0 / norms.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+        inv = _reciprocal(norms)
         evals, E = torch.linalg.eigh(Kh)
         rtol = n * torch.finfo(X.dtype).eps
         keep = evals > evals[-1].clamp_min(0.0) * rtol
