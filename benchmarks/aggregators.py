@@ -8,6 +8,7 @@ weights, and where an equivalent exists, ByzFL's rule (same f) and torch baselin
     python benchmarks/aggregators.py                       # n in {9, 17, 60}, d in {1e5, 1e6, 1.1e7}
     python benchmarks/aggregators.py --n 17 --d 1e6 --rules cwmed cwtm --repeats 7
     python benchmarks/aggregators.py --byzfl-site /tmp/byzfl-venv/lib/python3.11/site-packages
+    python benchmarks/aggregators.py --n 17 --d 1e6 --huge 1e30   # f rows at 1e30: the safe path
 
 ByzFL (``pip install byzfl`` into a separate virtualenv) is imported from ``--byzfl-site``; only its
 aggregator modules are loaded, so its plotting dependencies need not be installed.
@@ -103,12 +104,15 @@ def table(device: str, n: int, d: int, names, byzfl, args) -> None:
     X = torch.randn(n, d, generator=gen, device=device)
     w = torch.rand(n, generator=gen, device=device) + 0.1
     f = byzantine_count(n)
+    if args.huge:  # the rules' safe path: f rows far beyond the others
+        X[:f] = args.huge
 
     def floor() -> float:
         return seconds(lambda A: A.mean(dim=0), X, args.repeats, args.budget)
 
     base = floor()
-    print(f"\n### {device}, n={n}, d={d:.3g}, float32, f={f} (lam=f/n); mean = {base * 1e3:.2f} ms\n")
+    huge = f", {f} rows at {args.huge:g}" if args.huge else ""
+    print(f"\n### {device}, n={n}, d={d:.3g}, float32, f={f} (lam=f/n){huge}; mean = {base * 1e3:.2f} ms\n")
     print("| rule | uniform | weighted | ByzFL |")
     print("|---|---:|---:|---:|")
     for name in names:
@@ -140,6 +144,7 @@ def main(argv=None) -> None:
     parser.add_argument("--device", nargs="+", default=None, help="cpu and/or cuda (default: both if present)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per measurement (best is kept)")
     parser.add_argument("--budget", type=float, default=20.0, help="stop repeating past this many s")
+    parser.add_argument("--huge", type=float, default=None, help="set f rows to this value (safe path)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--byzfl-site", default=None, help="site-packages dir holding byzfl")
     parser.add_argument("--no-byzfl", action="store_true", help="skip the ByzFL comparison")

@@ -135,38 +135,83 @@ class Aggregator:
         return f"{type(self).__name__}({args})"
 
 
-def gram(X: Tensor, center: bool) -> Tensor:
-    """The n×n Gram matrix of the rows of ``X`` as float64, after subtracting their mean if ``center``.
+def gram(X: Tensor, center: bool | Tensor | Callable[[Tensor], Tensor] = False,
+         scale: Tensor | None = None) -> Tensor:
+    """The n×n Gram matrix of the rows of ``X`` as float64, after subtracting a centre: their mean if
+    ``center`` is True, the point ``center`` if it is a [d] tensor, ``center(block)`` from each
+    column block if it is a function (a coordinate-wise centre, computed in the same pass); rows are
+    then multiplied by ``scale`` [n] if given.
 
     One pass (two with the mean), no n×d temporary: column blocks (about 2 MB on CPU, cache-resident;
-    32 MiB elsewhere) are formed in one reused buffer and their products summed in float64. Centred
-    rows keep small pairwise distances exact in X's dtype (no cancellation between large ||x_i||²;
-    distances follow as ``G_ii + G_jj − 2 G_ij``), so their blocks stay in it; uncentred blocks are
-    converted to float64 first, which keeps inner products and cosines exact to float64 rounding.
+    32 MiB elsewhere) are formed in one reused buffer and their products summed in float64. Rows
+    centred at their mean keep small pairwise distances exact in X's dtype (no cancellation between
+    large ||x_i||²; distances follow as ``G_ii + G_jj − 2 G_ij``), so their blocks stay in it (the
+    fast path; it overflows or loses the distances when some rows are huge, which
+    :func:`~lightning_byz.aggregators.distance.centred_gram` detects). Every other block is formed in
+    float64, which keeps inner products exact to float64 rounding and cannot overflow on float32 input.
     """
     n, d = X.shape
     if X.device.type == "cpu":
         block = max(1, 2**19 // (1024 * n)) * 1024  # a multiple of 1024: unaligned blocks run 30x slower
     else:
         block = max(1, 2**22 // n)
-    mean = X.mean(dim=0) if center else None
+    fast = center is True and scale is None
+    mean = X.mean(dim=0) if center is True else None
     G = torch.zeros(n, n, dtype=torch.float64, device=X.device)
-    buffer = torch.empty(n, min(block, d), dtype=X.dtype if center else torch.float64,
+    buffer = torch.empty(n, min(block, d), dtype=X.dtype if fast else torch.float64,
                          device=X.device)  # reused: no page faults
     for start in range(0, d, block):
+        cols = slice(start, start + block)
         B = buffer[:, : min(block, d - start)]
-        if center:
-            torch.sub(X[:, start : start + block], mean[start : start + block], out=B)
+        if fast:
+            torch.sub(X[:, cols], mean[cols], out=B)
         else:
-            B.copy_(X[:, start : start + block])
+            B.copy_(X[:, cols])
+            if center is True:
+                B.sub_(mean[cols])
+            elif isinstance(center, Tensor):
+                B.sub_(center[cols])
+            elif callable(center):
+                B.sub_(center(X[:, cols]))
+            if scale is not None:
+                B.mul_(scale[:, None])
         G += B @ B.T
     return G
 
 
+def row_scales(X: Tensor) -> Tensor:
+    """Per row of ``X``, the power of two (float64) that brings its largest entry into [1/2, 1).
+
+    Multiplying by a power of two is exact, so a Gram matrix of the scaled rows holds the rows'
+    cosines at full precision whatever their magnitudes (1e-300 or 1e300; zero rows keep scale 1).
+    One pass over X.
+    """
+    top = X.abs().amax(dim=1).to(torch.float64)
+    return torch.ldexp(torch.ones_like(top), -torch.frexp(top).exponent).masked_fill_(top == 0, 1.0)
+
+
 def pairwise_sq_dists(G: Tensor) -> Tensor:
-    """Squared Euclidean distances between rows from their Gram matrix (clamped at 0)."""
+    """Squared Euclidean distances between rows from their Gram matrix (clamped at 0).
+
+    A row marked infinitely far (``G_ii = +inf``, zeros elsewhere in its row and column, see
+    :func:`~lightning_byz.aggregators.distance.centred_gram`) is at ``inf`` from every other row.
+    """
     diag = torch.diagonal(G)
-    return (diag[:, None] + diag[None, :] - 2.0 * G).clamp_min_(0.0)
+    D = (diag[:, None] + diag[None, :] - 2.0 * G).clamp_min_(0.0)
+    D.diagonal().zero_()
+    return D
+
+
+def weighted_lower_median(values: Tensor, w: Tensor) -> Tensor:
+    """Along the last dim: the smallest value whose cumulative weight (values sorted ascending)
+    reaches half the total. ``w`` has the shape of ``values`` or broadcasts to it; ``inf`` values
+    sort last."""
+    order = torch.argsort(values, dim=-1)
+    cum = torch.cumsum(w.expand_as(values).gather(-1, order), dim=-1)
+    total = cum[..., -1:]
+    slack = total * (1e-12 * values.shape[-1])  # rounding in the cumulative sum of equal weights
+    idx = (cum < 0.5 * total - slack).sum(-1, keepdim=True).clamp_max(values.shape[-1] - 1)
+    return values.gather(-1, order.gather(-1, idx)).squeeze(-1)
 
 
 def combine(coeffs: Tensor, X: Tensor) -> Tensor:

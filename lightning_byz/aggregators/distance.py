@@ -8,6 +8,14 @@ matrix (:func:`~lightning_byz.aggregators.base.gram`), the rule runs in n-space 
 GPU) and one more pass forms the output (:func:`combine`). Cost: about three reads of X, independent
 of the number of iterations.
 
+Any finite magnitude. The fast Gram matrix is centred at the mean in X's dtype; a few huge rows
+(Byzantine ones, say) drag the mean along and overflow it or drown the honest distances in rounding.
+:func:`centred_gram` checks that in n-space and then, and only then, rebuilds the Gram matrix in
+float64 about a point among the honest rows: the medoid row, or where rows at nested magnitudes hide
+it, the weighted coordinate-wise median (computed block by block in the same pass). Either costs one
+more read of X. A row still too far to square in float64 is *infinitely far*: every rule gives it coefficient 0 (as its distance → ∞ would), counts its weight where a rule
+counts mass, and never multiplies an infinity by 0. Every loop has a hard bound.
+
 Weights. All rules are weighted; ``w`` is normalised to sum 1 and ``lam`` is the weight fraction that
 may be Byzantine (0 <= lam < 1/2). Count-based rules (Krum, Multi-Krum, Bulyan) read the weights as
 multiplicities: the lightest positive row counts as one vector (the *unit* ``u``), a row of weight
@@ -32,19 +40,30 @@ from lightning_byz.aggregators.base import (
     pairwise_sq_dists,
     register,
     registered,
+    weighted_lower_median,
 )
-from lightning_byz.aggregators.coordinate import closest_to_center_mean
+from lightning_byz.aggregators.coordinate import closest_to_center_mean, weighted_median
 
 _EPS = 1e-12  # slack for comparing weight masses computed in float64
+# A row whose squared distance from the centre exceeds this is infinitely far: below it, sums of two
+# squared distances and Gram entries of two such rows stay finite in float64.
+_FAR = torch.finfo(torch.float64).max / 8
+# The fast Gram matrix is kept while (typical squared distance of a row to the mean) · eps(dtype) ·
+# _RESOLUTION <= (typical squared distance between rows): its rounding (a few eps of ||x_i − mean||²
+# per entry) then stays under 1e-3 of the distances that the rules compare.
+_RESOLUTION = 2.0**17
 
 
 def take_prefix(avail: Tensor, budget: Tensor | float, dim: int = -1) -> Tensor:
     """Masses taken from ``avail`` (already in priority order along ``dim``) until ``budget`` is spent.
 
-    Greedy and fractional: whole entries while they fit, the boundary entry partly, zeros after.
+    Greedy and fractional: whole entries while they fit, the boundary entry partly, zeros after. Room
+    under ``_EPS`` counts as none: masses that add up to the budget in exact arithmetic but miss it by
+    rounding would otherwise hand the next entry a sliver, and a sliver of a row at 1e19 is not small.
     """
     before = avail.cumsum(dim) - avail
-    return torch.minimum((budget - before).clamp_min(0.0), avail)
+    room = budget - before
+    return torch.minimum(room.masked_fill(room <= _EPS, 0.0), avail)
 
 
 def unit_weight(w: Tensor) -> float:
@@ -61,10 +80,103 @@ def _host(G: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
     return G.to("cpu", torch.float64), w / w.sum()
 
 
+def _resolved(G: Tensor, w: Tensor, dtype: torch.dtype) -> bool:
+    """Whether the centred Gram matrix ``G`` (host float64, blocks formed in ``dtype``) resolves the
+    rows' distances: finite, and the typical row so close to the centre that rounding stays far below
+    the typical distance.
+
+    "Typical" is a weighted median, which rows of less than half the weight cannot move: the distance
+    of a row to the centre, and over rows, the distance to the nearest half of the other rows' weight.
+    """
+    if not bool(torch.isfinite(_finite_part(G)).all()):  # rows marked infinitely far may stay
+        return False
+    others = w.expand_as(G).clone()
+    others.diagonal().zero_()
+    spread = float(weighted_lower_median(weighted_lower_median(pairwise_sq_dists(G), others), w))
+    offset = float(weighted_lower_median(torch.diagonal(G), w))
+    return math.isfinite(offset) and offset * torch.finfo(dtype).eps * _RESOLUTION <= spread
+
+
+def _mark_far(G: Tensor, far: Tensor | None = None) -> Tensor:
+    """``G`` with the rows ``far`` (default: squared norm above ``_FAR``, or not a number) made
+    infinitely far: ``G_ii = +inf`` and zeros in the rest of their row and column."""
+    if far is None:
+        far = ~(torch.diagonal(G) <= _FAR)
+    if bool(far.any()):
+        G = G.masked_fill(far[:, None] | far[None, :], 0.0)
+        G.diagonal()[far] = math.inf
+    return G
+
+
+def _finite_part(G: Tensor) -> Tensor:
+    """``G`` with the infinite diagonal entries of infinitely far rows replaced by 0."""
+    far = torch.isinf(torch.diagonal(G))
+    if bool(far.any()):
+        G = G.clone()
+        G.diagonal()[far] = 0.0
+    return G
+
+
+def centred_gram(X: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """Centred Gram matrix and weights as float64 on the host, exact at any finite magnitude.
+
+    Fast path: centred at the mean in X's dtype (:func:`gram`). If that does not resolve the rows'
+    distances (:func:`_resolved`), it still tells the far rows from the rest: rebuilt in float64 about
+    its medoid row, one more read of X. Should that not resolve them either (rows at nested magnitudes,
+    each hiding the next in rounding) or the fast matrix have overflowed, rebuilt instead about the
+    weighted coordinate-wise median, which lies inside the honest rows at every scale (computed block
+    by block in the same read). Rows too far to square in float64 are marked infinitely far.
+    """
+    G, wh = _host(gram(X, center=True), w)
+    if _resolved(G, wh, X.dtype):
+        return G, wh
+    if bool(torch.isfinite(G).all()):
+        row = int(torch.argmax(_medoid(G, wh)))
+        G = _mark_far(_host(gram(X, center=X[row]), w)[0])
+        if _resolved(G, wh, torch.float64):
+            return G, wh
+    return _mark_far(_host(gram(X, center=lambda block: weighted_median(block, w)), w)[0]), wh
+
+
 def _sq_dists_to(c: Tensor, G: Tensor) -> Tensor:
-    """``||y − x_j||²`` for ``y = Σ c_i x_i`` with ``Σ c_i = 1``: ``cᵀGc − 2(Gc)_j + G_jj``."""
-    Gc = G @ c
-    return (c @ Gc - 2.0 * Gc + torch.diagonal(G)).clamp_min_(0.0)
+    """``||y − x_j||²`` for ``y = Σ c_i x_i`` with ``Σ c_i = 1``: ``cᵀGc − 2(Gc)_j + G_jj``.
+
+    An infinitely far row is at ``inf``; a ``y`` that leans on one is at ``inf`` from every row.
+    """
+    diag = torch.diagonal(G)
+    far = torch.isinf(diag)
+    if bool((c[far] != 0).any()):
+        return torch.full_like(c, math.inf)
+    Gc = _finite_part(G) @ c
+    return (c @ Gc - 2.0 * Gc + diag).clamp_min_(0.0)
+
+
+def _near_mean(w: Tensor, G: Tensor) -> Tensor:
+    """Coefficients of the weighted mean of the rows that are not infinitely far."""
+    c = w.masked_fill(torch.isinf(torch.diagonal(G)), 0.0)
+    return c / c.sum()
+
+
+def _medoid(G: Tensor, w: Tensor) -> Tensor:
+    """Coefficients (one-hot) of the weighted medoid: the input of positive weight minimising
+    ``Σ_j w_j ||x_i − x_j||``, robust up to weight 1/2; infinitely far rows neither count nor compete.
+
+    The costs are compared as differences to the row r nearest the centre, ``Σ_j w_j (d_ij − d_rj)``
+    with ``d_ij − d_rj = (D_ij − D_rj)/(d_ij + d_rj)`` taken from the Gram matrix: the sums themselves
+    would let one row at 1e30 drown every difference between honest candidates in rounding.
+    """
+    far = torch.isinf(torch.diagonal(G))
+    finite = _finite_part(G)
+    sq = torch.diagonal(finite)
+    dist = pairwise_sq_dists(G).sqrt_()
+    r = int(torch.argmin(torch.diagonal(G)))
+    gap_sq = sq[:, None] - sq[r] - 2.0 * (finite - finite[r])  # D_ij − D_rj
+    sums = dist + dist[r]
+    gaps = torch.where(sums > 0, gap_sq / sums, 0.0)  # 0 towards infinitely far rows
+    cost = (gaps @ w).masked_fill_((w <= 0) | far, math.inf)
+    c = torch.zeros_like(w)
+    c[torch.argmin(cost)] = 1.0
+    return c
 
 
 def _mass_order_mean(keys: Tensor, w: Tensor, mass: float) -> Tensor:
@@ -94,7 +206,7 @@ class GramRule(Aggregator):
         raise NotImplementedError
 
     def _aggregate(self, X: Tensor, w: Tensor) -> Tensor:
-        return combine(self.coefficients(*_host(gram(X, center=True), w)).to(X.device), X)
+        return combine(self.coefficients(*centred_gram(X, w)).to(X.device), X)
 
 
 @register("gm", "rfa")
@@ -103,8 +215,11 @@ class GeometricMedian(GramRule):
 
     Each step sets ``y = Σ β_i x_i / Σ β_i`` with ``β_i = w_i / max(nu, ||y − x_i||)`` (Pillutla,
     Kakade & Harchaoui, "Robust Aggregation for Federated Learning", IEEE TSP 2022, Alg. 2; weighted
-    version: Dahan & Levy, NeurIPS 2024), starting from the weighted mean and stopping after ``iters``
-    steps or when the objective improves by less than ``tol`` relative. Weights are the multiplicities
+    version: Dahan & Levy, NeurIPS 2024). It starts from the weighted mean of the half of the weight
+    nearest the weighted medoid (robust: from the plain mean, rows at 1e100 take hundreds of steps to
+    leave behind) and stops after ``iters`` steps or once a step moves y by at most ``tol`` times the
+    weighted median distance from y to the inputs (a relative decrease of the objective cannot serve:
+    far rows make the objective huge and every decrease look like 0). Weights are the multiplicities
     of the objective, so integer weights are exactly repeated rows. Breakdown: weight 1/2.
     """
 
@@ -118,15 +233,14 @@ class GeometricMedian(GramRule):
         self.nu, self.iters, self.tol = float(nu), int(iters), float(tol)
 
     def coefficients(self, G: Tensor, w: Tensor) -> Tensor:
-        c, previous = w.clone(), math.inf
+        c, finite = _mass_order_mean(_sq_dists_to(_medoid(G, w), G), w, 0.5), _finite_part(G)
         for _ in range(self.iters):
             dist = _sq_dists_to(c, G).sqrt_()
-            objective = float(w @ dist)
-            if previous - objective <= self.tol * objective:
-                break
-            previous = objective
             beta = w / dist.clamp_min(self.nu)
-            c = beta / beta.sum()
+            step = beta / beta.sum() - c
+            c = c + step
+            if float(step @ finite @ step) <= (self.tol * float(weighted_lower_median(dist, w))) ** 2:
+                break
         return c
 
 
@@ -134,13 +248,14 @@ def krum_scores(D2: Tensor, w: Tensor, neighbour_mass: float, u: float) -> Tenso
     """Weighted Krum scores: ``score_i = Σ_j m_ij ||x_i − x_j||²`` over the ``neighbour_mass`` nearest x_i.
 
     Row i's own other copies (mass ``w_i − u``, distance 0) come first, then the other rows by
-    distance, the boundary row fractionally. Rows of zero weight score ``inf`` (they are not candidates).
+    distance, the boundary row fractionally. Rows of zero weight score ``inf`` (they are not candidates);
+    so does a row whose neighbourhood reaches an infinitely far row (an untaken one adds 0, not NaN).
     """
     avail = w.expand_as(D2).clone()
     avail.diagonal().sub_(u).clamp_min_(0.0)
     order = torch.argsort(D2, dim=1, stable=True)
     taken = take_prefix(avail.gather(1, order), neighbour_mass)
-    scores = (taken * D2.gather(1, order)).sum(1)
+    scores = torch.where(taken > 0, taken * D2.gather(1, order), 0.0).sum(1)
     return scores.masked_fill(w <= 0, math.inf)
 
 
@@ -214,7 +329,8 @@ class Bulyan(Aggregator):
     (:func:`~lightning_byz.aggregators.coordinate.closest_to_center_mean`). A Krum round whose
     neighbourhood would be empty (only possible in the last rounds) uses one unit of neighbours; equal
     scores (mutual nearest neighbours) go to the row with the smaller weighted sum of squared
-    distances to the remaining rows, so the result is order-free.
+    distances to the remaining rows, so the result is order-free. Every round takes a positive bite of
+    a remaining row, so phase 1 ends within ``Σ_i ceil(w_i/u)`` rounds (a hard bound, too).
     """
 
     def __init__(self, lam: float = 0.1):
@@ -226,12 +342,15 @@ class Bulyan(Aggregator):
         _check_count_bound("bulyan", self.lam, u, 4, 3, strict=False)
         D2, remaining, chosen = pairwise_sq_dists(G), w.clone(), torch.zeros_like(w)
         target, total = 1.0 - 2.0 * self.lam, 0.0
-        while total < target - _EPS:
+        for _ in range(int(torch.ceil(w / u).sum()) + 1):
+            if total >= target - _EPS:
+                break
             neighbours = max(float(remaining.sum()) - self.lam - 2.0 * u, u)
             scores = krum_scores(D2, remaining, neighbours, u)
             # Mutual nearest neighbours tie when few neighbours count: prefer the more central one.
-            ties = scores <= scores.min() * (1.0 + 1e-9)
-            i = int(torch.argmin((D2 @ remaining).masked_fill(~ties, math.inf)))
+            ties = (scores <= scores.min() * (1.0 + 1e-9)) & (remaining > 0)
+            central = (torch.where(remaining > 0, D2, 0.0) @ remaining).masked_fill(~ties, math.inf)
+            i = int(torch.nonzero(ties & (central == central.min()))[0])
             bite = min(u, float(remaining[i]))
             if total + bite > target + _EPS:  # only a real overshoot is cut: whole units stay equal
                 bite = target - total
@@ -241,7 +360,7 @@ class Bulyan(Aggregator):
         return chosen
 
     def _aggregate(self, X: Tensor, w: Tensor) -> Tensor:
-        chosen = self.selection(*_host(gram(X, center=True), w))
+        chosen = self.selection(*centred_gram(X, w))
         rows = torch.nonzero(chosen > 0).flatten()
         ws = (chosen[rows] / chosen.sum()).to(X.device, X.dtype)
         # Phase 2 keeps β/θ = (1 − 4 lam)/(1 − 2 lam) of the selection (it may drop more than half).
@@ -257,8 +376,9 @@ class CenteredClipping(GramRule):
     "Learning from History for Byzantine Robust Optimization", ICML 2021. The paper starts from the
     previous aggregate (momentum); this rule is stateless, so it starts from the weighted medoid
     (``start="medoid"``: the input minimising ``Σ_j w_j ||x_i − x_j||``, robust up to weight 1/2) or
-    the weighted mean (``start="mean"``). Weights are multiplicities of the update's sum, so integer
-    weights are exactly repeated rows.
+    the weighted mean (``start="mean"``; not robust: it starts where the Byzantine rows pull it).
+    Infinitely far rows are left out of both starts, and a step never moves towards them. Weights are
+    multiplicities of the update's sum, so integer weights are exactly repeated rows.
     """
 
     STARTS = ("medoid", "mean")
@@ -273,12 +393,7 @@ class CenteredClipping(GramRule):
         self.tau, self.iters, self.start = float(tau), int(iters), start
 
     def coefficients(self, G: Tensor, w: Tensor) -> Tensor:
-        if self.start == "mean":
-            c = w.clone()
-        else:
-            cost = (pairwise_sq_dists(G).sqrt() @ w).masked_fill(w <= 0, math.inf)
-            c = torch.zeros_like(w)
-            c[torch.argmin(cost)] = 1.0
+        c = _near_mean(w, G) if self.start == "mean" else _medoid(G, w)
         for _ in range(self.iters):
             dist = _sq_dists_to(c, G).sqrt_()
             a = w * torch.where(dist > self.tau, self.tau / dist, torch.ones_like(dist))
@@ -328,11 +443,18 @@ class PreAggregated(Aggregator):
         self.rule, self.lam = rule, _check_nnm_lam(lam)
 
     def _aggregate(self, X: Tensor, w: Tensor) -> Tensor:
-        G, wh = _host(gram(X, center=True), w)
+        G, wh = centred_gram(X, w)
         M = nnm_matrix(G, wh, self.lam)
         if isinstance(self.rule, GramRule):  # Gram of the mixed rows: M G Mᵀ, no second pass over X
-            return combine((self.rule.coefficients(M @ G @ M.T, wh) @ M).to(X.device), X)
+            return combine((self.rule.coefficients(_mixed_gram(M, G), wh) @ M).to(X.device), X)
         return self.rule._aggregate(combine(M.to(X.device), X), w)
+
+
+def _mixed_gram(M: Tensor, G: Tensor) -> Tensor:
+    """Gram matrix ``M G Mᵀ`` of the mixed rows; a mixed row with weight on an infinitely far row is
+    infinitely far itself."""
+    far = torch.isinf(torch.diagonal(G))
+    return _mark_far(M @ _finite_part(G) @ M.T, (M[:, far] > 0).any(1))
 
 
 def with_pre_aggregation(pre: str, rule: Aggregator, lam: float) -> Aggregator:
@@ -371,7 +493,7 @@ class CTMA(Aggregator):
 
     def _aggregate(self, X: Tensor, w: Tensor) -> Tensor:
         if isinstance(self.base, GramRule):
-            G, wh = _host(gram(X, center=True), w)
+            G, wh = centred_gram(X, w)
             dist2 = _sq_dists_to(self.base.coefficients(G, wh), G)
         else:
             x0 = self.base._aggregate(X, w)

@@ -23,7 +23,8 @@ matrix with column k scaled by sqrt(ω_k)(|1 − v_k| + ε)^(−1/4). The smooth
 Σ_k ω_k sqrt(|1 − v_k| + ε) never increases (kept in ``FlagSolution.objective``). Start: v = 0
 (weighted PCA of the atoms). Stop after ``iters`` updates or when the objective drops by ≤ ``tol``.
 
-Everything in n-space. Let X̂ (n×d) hold the ĝ_i, K̂ = X̂X̂ᵀ (one float64 pass over the data), and
+Everything in n-space. Let X̂ (n×d) hold the ĝ_i, K̂ = X̂X̂ᵀ (one float64 pass over the data; one more
+when some norm would under- or overflow, see :func:`unit_gram`), and
 K̂ = E Σ Eᵀ restricted to its numerical range (eigenvalues > n·eps(dtype)·max, r of them). Then
 Q = X̂ᵀ E Σ^(−1/2) is an orthonormal basis of span{g_i}, and every atom is a_k = X̂ᵀ C_k for a
 coefficient column C_k (e_i, or (s_i e_i − s_j e_j)/||x_i − x_j|| with s the norms or ones), so
@@ -60,16 +61,40 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_byz.aggregators.base import Aggregator, check_inputs, combine, gram, register
+from lightning_byz.aggregators.base import (
+    Aggregator,
+    check_inputs,
+    combine,
+    gram,
+    register,
+    row_scales,
+    weighted_lower_median,
+)
 
 NORMALIZE_MODES = ("median", "unit", "none")
-def weighted_lower_median(values: Tensor, w: Tensor) -> Tensor:
-    """Smallest value whose cumulative weight (values sorted ascending) reaches half the total."""
-    order = torch.argsort(values)
-    cum = torch.cumsum(w[order], dim=0)
-    slack = cum[-1] * (1e-12 * values.numel())  # rounding in the cumulative sum of equal weights
-    idx = torch.searchsorted(cum, (0.5 * cum[-1] - slack).reshape(1)).clamp_max(values.numel() - 1)
-    return values[order][idx].squeeze(0)
+# Squared norms outside [_TINY, _HUGE] may have under- or overflowed in the plain Gram matrix.
+_TINY, _HUGE = 2.0**-900, 2.0**900
+
+
+def _reciprocal(norms: Tensor) -> Tensor:
+    """``1/norms``, and 0 for zero rows (they have no direction), never inf."""
+    return torch.where(norms > 0, 1.0 / norms.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+
+
+def unit_gram(X: Tensor) -> tuple[Tensor, Tensor]:
+    """Cosines ``K̂`` (n×n, float64, 0 for zero rows) and norms of the rows of ``X``, at any finite
+    magnitude: from the plain Gram matrix (one pass) unless some squared norm is non-finite or
+    outside [_TINY, _HUGE] (zero rows included), then from the Gram matrix of the rows scaled by
+    powers of two (:func:`row_scales`, one more pass), whose norms are exact."""
+    scale = None
+    K = gram(X, center=False)
+    sq = torch.diagonal(K)
+    if not bool(((sq >= _TINY) & (sq <= _HUGE)).all()):
+        scale = row_scales(X)
+        K = gram(X, center=False, scale=scale)
+    norms = torch.diagonal(K).clamp_min(0.0).sqrt()
+    inv = _reciprocal(norms)
+    return inv[:, None] * K * inv[None, :], norms if scale is None else norms / scale
 
 
 @dataclass(frozen=True)
@@ -156,10 +181,8 @@ class FlagAggregator(Aggregator):
     def _solve(self, X: Tensor, w: Tensor) -> FlagSolution:
         n = X.shape[0]
         m = self._subspace_dim(n)
-        K = gram(X, center=False)
-        norms = torch.diagonal(K).clamp_min(0.0).sqrt()
-        inv = torch.where(norms > 0, 1.0 / norms.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
-        Kh = inv[:, None] * K * inv[None, :]
+        Kh, norms = unit_gram(X)
+        inv = _reciprocal(norms)
         evals, E = torch.linalg.eigh(Kh)
         rtol = n * torch.finfo(X.dtype).eps
         keep = evals > evals[-1].clamp_min(0.0) * rtol
@@ -169,7 +192,11 @@ class FlagAggregator(Aggregator):
         root, E = evals[keep].sqrt(), E[:, keep]
 
         unit_scale = (norms > 0).to(torch.float64)
-        C, omega = self._atoms(Kh, norms if self.normalize == "none" else unit_scale, w, rtol)
+        # Pair atoms are unit vectors: dividing the norms by a power of two near the largest is exact
+        # where nothing overflows and keeps the squared pair distances finite where it would.
+        top = norms.max()
+        relative = norms / torch.ldexp(torch.ones_like(top), torch.frexp(top).exponent) if top > 0 else norms
+        C, omega = self._atoms(Kh, relative if self.normalize == "none" else unit_scale, w, rtol)
         F = root[:, None] * (E.T @ C)  # Qᵀ a_k, r×q
         V, history = self._irls(F, omega, min(m, root.numel()))
 
