@@ -205,7 +205,11 @@ class MPIServerRole(Role):
         self.stopped = True
         self.loop.stop()
         self.transport.close(drain=min(self.strategy.worker_timeout, 30.0))
-        self._log_worker_fault_metrics(mpi.gather_metrics(self.comm, timeout=10.0))
+        faults = self.strategy.faults
+        values, rejected = mpi.gather_metrics(self.comm, faults.num_counters, timeout=10.0)
+        for worker, reason in rejected.items():
+            self.server.reject(worker, reason)
+        self._log_worker_fault_metrics({w: faults.metrics_of(v.tolist()) for w, v in values.items()})
         mpi.barrier(self.comm, timeout=30.0)
 
     def _log_worker_fault_metrics(self, gathered: dict[int, dict[str, float]]) -> None:
@@ -299,6 +303,6 @@ class MPIWorkerRole(Role):
 
         if not self.stopped:  # the loop ended on its own (e.g. an exception path): get the final point
             self._apply(self.transport.wait_stop())
-        request = mpi.send_metrics(self.comm, self.strategy.faults.metrics())
+        request = mpi.send_metrics(self.comm, self.strategy.faults.counter_values())
         mpi.barrier(self.comm, timeout=30.0)
-        request.wait()
+        request.Wait()

@@ -168,6 +168,7 @@ class ByzantineWorkers(WorkerFault):
     """
 
     kind = "byzantine"
+    counters = ('batches_attacked', 'messages_attacked', 'server_attacks')
 
     def __init__(
         self,

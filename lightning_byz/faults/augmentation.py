@@ -125,6 +125,7 @@ class NonlinearAugmentation(WorkerFault):
     """
 
     kind = "augmentation"
+    counters = ('images',)
 
     def __init__(
         self,

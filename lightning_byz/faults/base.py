@@ -16,7 +16,9 @@ mode, so one configuration (worker ids 1..N for N workers) behaves the same in b
 - ``metrics`` whenever the strategy logs: counters of what the fault did (floats, keys
   prefixed by the fault's kind, e.g. ``packet_loss/packets_lost``). Worker-side counters live in
   the process that ran the worker hooks (each worker rank under MPI; the one process when
-  simulated).
+  simulated). Under MPI the workers send them to the server at the end as raw float64 values of
+  the names each fault declares in ``counters`` (a fixed schema, no pickle), and the server logs
+  ``metrics_of`` those values.
 
 Hooks default to doing nothing, so a fault overrides only what it needs.
 """
@@ -24,13 +26,17 @@ Hooks default to doing nothing, so a fault overrides only what it needs.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from collections import Counter
+from typing import Any, Iterable, Sequence
 
 from torch import Tensor
 
 
 class Fault:
     """Mixin for fault-injection callbacks; see the module docstring for when each hook runs."""
+
+    #: names of the counters ``counts`` holds (``counts[name] += n``), the schema workers report in
+    counters: tuple[str, ...] = ()
 
     def setup_faults(self, num_workers: int, seed: int) -> None:
         """Validate the configuration for workers 1..num_workers and seed any randomness."""
@@ -57,6 +63,15 @@ class Fault:
 
     def metrics(self) -> dict[str, float]:
         """Counters of what this fault has done so far, for the strategy to log."""
+        return {}
+
+    def counter_values(self) -> list[float]:
+        """This process's values of :attr:`counters`, in their order."""
+        counts = getattr(self, "counts", {})
+        return [float(counts.get(name, 0)) for name in self.counters]
+
+    def metrics_of(self, counts: Counter[str]) -> dict[str, float]:
+        """The metrics another process's counters (e.g. a worker rank's) stand for."""
         return {}
 
 
@@ -108,4 +123,22 @@ class FaultSet:
         out: dict[str, float] = {}
         for fault in self.faults:
             out.update(fault.metrics())
+        return out
+
+    @property
+    def num_counters(self) -> int:
+        """Length of the counter vector a worker reports (the schema both sides derive from the config)."""
+        return sum(len(fault.counters) for fault in self.faults)
+
+    def counter_values(self) -> list[float]:
+        return [v for fault in self.faults for v in fault.counter_values()]
+
+    def metrics_of(self, values: Sequence[float]) -> dict[str, float]:
+        """The metrics of a counter vector from :meth:`counter_values` (of another process)."""
+        out: dict[str, float] = {}
+        offset = 0
+        for fault in self.faults:
+            n = len(fault.counters)
+            out.update(fault.metrics_of(Counter(dict(zip(fault.counters, values[offset : offset + n])))))
+            offset += n
         return out

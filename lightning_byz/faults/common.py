@@ -85,7 +85,11 @@ class WorkerFault(Callback, Fault):
         return seeded_generator(self.seed, self.kind, worker, step)
 
     def metrics(self) -> dict[str, float]:
-        return {f"{self.kind}/{name}": float(value) for name, value in sorted(self.counts.items())}
+        return self.metrics_of(self.counts)
+
+    def metrics_of(self, counts: Counter[str]) -> dict[str, float]:
+        """The logged metrics of a set of counters (this process's, or a worker rank's)."""
+        return {f"{self.kind}/{name}": float(value) for name, value in sorted(counts.items())}
 
     def state_dict(self) -> dict[str, Any]:
         return {"counts": dict(self.counts)}

@@ -10,6 +10,8 @@ elements arrive as zeros. In ``mode="message"`` the whole message is lost with p
 
 from __future__ import annotations
 
+from collections import Counter
+
 from collections.abc import Sequence
 
 import torch
@@ -37,6 +39,7 @@ class PacketLoss(WorkerFault):
     """
 
     kind = "packet_loss"
+    counters = ('messages', 'messages_lost', 'packets', 'packets_lost')
 
     def __init__(
         self, links: Sequence[int], rate: float = 0.1, packet_bytes: int = 1408, mode: str = "zero"
@@ -74,10 +77,10 @@ class PacketLoss(WorkerFault):
             return vector
         return vector.masked_fill(lost_elements.to(vector.device).view(vector.shape), 0)
 
-    def metrics(self) -> dict[str, float]:
+    def metrics_of(self, counts: Counter[str]) -> dict[str, float]:
         """Counters plus ``lost_fraction`` of packets (``zero`` mode) or messages (``message``)."""
-        out = super().metrics()
+        out = super().metrics_of(counts)
         unit = "messages" if self.mode == "message" else "packets"
-        if self.counts[unit]:
-            out[f"{self.kind}/lost_fraction"] = self.counts[f"{unit}_lost"] / self.counts[unit]
+        if counts[unit]:
+            out[f"{self.kind}/lost_fraction"] = counts[f"{unit}_lost"] / counts[unit]
         return out

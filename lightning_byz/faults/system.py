@@ -19,6 +19,7 @@ class Straggler(WorkerFault):
     delay drawn uniformly per step."""
 
     kind = "straggler"
+    counters = ('delays', 'delay_seconds')
 
     def __init__(self, workers: Sequence[int], delay: float | tuple[float, float] = 1.0) -> None:
         super().__init__(workers)

@@ -277,24 +277,44 @@ def barrier(comm: MPI.Comm, timeout: float) -> None:
         time.sleep(1e-3)
 
 
-def send_metrics(comm: MPI.Comm, metrics: dict[str, float]) -> MPI.Request:
-    """Worker: send its fault counters to the server at the end of training."""
-    return comm.isend(metrics, dest=0, tag=TAG_METRICS)
+def send_metrics(comm: MPI.Comm, values: list[float]) -> MPI.Request:
+    """Worker: send its fault counters (raw float64, in the schema's order) to the server at the end."""
+    data = np.asarray(values, dtype=np.float64)
+    return comm.Isend([data, MPI.DOUBLE], dest=0, tag=TAG_METRICS)
 
 
-def gather_metrics(comm: MPI.Comm, timeout: float) -> dict[int, dict[str, float]]:
-    """Server: every worker's fault counters, as far as they arrive within ``timeout`` s."""
+def gather_metrics(comm: MPI.Comm, count: int, timeout: float) -> tuple[dict[int, np.ndarray], dict[int, str]]:
+    """Server: every worker's ``count`` counter values, as far as they arrive within ``timeout`` s.
+
+    Raw float64 against the schema both sides derive from the configuration: nothing a worker sends
+    is unpickled or interpreted beyond numbers. Returns (values by worker, rejection reason by worker).
+    """
     workers = range(1, comm.Get_size())
-    requests = {w: comm.irecv(source=w, tag=TAG_METRICS) for w in workers}
+    buffers = {w: np.empty(count + 1, np.float64) for w in workers}  # +1: a too-long message shows
+    requests = {w: comm.Irecv([buffers[w], MPI.DOUBLE], source=w, tag=TAG_METRICS) for w in workers}
     deadline = time.monotonic() + timeout
-    out: dict[int, dict[str, float]] = {}
+    values: dict[int, np.ndarray] = {}
+    rejected: dict[int, str] = {}
+    status = MPI.Status()
     while requests and time.monotonic() < deadline:
         for w, req in list(requests.items()):
-            done, values = req.test()
+            try:
+                done = req.Test(status)
+            except MPI.Exception as exc:
+                rejected[w] = f"unreadable fault counters ({exc.Get_error_string()})"
+                del requests[w]
+                continue
             if done:
-                out[w] = values
+                n = status.Get_count(MPI.BYTE)
+                row = buffers[w][:count]
+                if n != 8 * count:
+                    rejected[w] = f"fault counters of {n} bytes instead of {8 * count}"
+                elif not np.isfinite(row).all():
+                    rejected[w] = "non-finite fault counters"
+                else:
+                    values[w] = row
                 del requests[w]
         time.sleep(1e-3)
     for req in requests.values():
-        req.cancel()
-    return out
+        req.Cancel()
+    return values, rejected
