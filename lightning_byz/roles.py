@@ -177,8 +177,10 @@ class MPIServerRole(Role):
         self.comm = mpi.world().Dup()
         pin = flat.device.type == "cuda"
         b = flat.buffers_numel
-        self.transport = mpi.MPIServerTransport(self.comm, flat.numel, b, flat.dtype, flat.device, pin)
         self.server = make_server(strategy, flat.params, split, b, time.monotonic)
+        self.transport = mpi.MPIServerTransport(
+            self.comm, flat.numel, b, flat.dtype, flat.device, pin, on_discard=self.server.reject
+        )
         self.logging = ServerLogging(strategy, self.server)
         self.loop = ServeLoop(self.server, self.transport, model=flat)
         self.stopped = False

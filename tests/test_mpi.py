@@ -70,3 +70,22 @@ def test_mpi_transport_with_one_rank_is_a_clear_error(tmp_path):
     proc = subprocess.run(cmd, env=mpi_env(1), capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "needs at least 2 MPI ranks" in proc.stderr
+
+
+def test_a_rogue_worker_cannot_run_code_stall_or_derail_the_server(run_mpi, tmp_path):
+    """Worker 2 sends malicious pickles on every protocol tag and others, on both communicators, at the
+    start, mid-run and at teardown; raw fuzz on the update tag every step without taking its replies;
+    updates of absurd finite magnitude. The pickle is never loaded, the server trains to the end,
+    rejects what it must with reasons, and every honest rank ends with the server's parameters."""
+    marker = tmp_path / "pwned"
+    _, results = run_mpi(3, "--steps", "300", "--rogue-worker", "2", "--marker", str(marker))
+    server = results[0]
+    assert not marker.exists()
+    assert server["global_step"] == server["version"] == 300
+    reasons = set(server["rejected"])
+    assert any(r.startswith("message on unexpected tag") for r in reasons), reasons
+    assert reasons & {"malformed header", "unknown sender", "malformed message of 0 bytes"} or any(
+        r.startswith("malformed") for r in reasons), reasons
+    assert set(server["rejected_by_worker"]) == {"2"}
+    assert results[1]["params"] == results[3]["params"] == server["params"]
+    assert server["acc"] >= 0.7, server["acc"]

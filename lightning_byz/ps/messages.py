@@ -31,7 +31,7 @@ class Message:
 @dataclass
 class Rejection:
     """Bytes from ``worker`` that the transport could not read as a message (wrong length, a header
-    naming another sender): the server counts ``reason`` and answers the sender so it can go on."""
+    naming another sender): the server counts ``reason``; no reply goes back."""
 
     worker: int
     reason: str

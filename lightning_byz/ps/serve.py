@@ -9,8 +9,10 @@ validate it, applies an update when one is due and decides whom to answer:
 - ``async``: then every accepted arrival is an update; the sender is answered at once;
 - ``sync``: a worker whose vector joined the round waits for the round's update, then everyone
   waiting is answered;
-- a rejected or empty message is answered at once (it joined no round or warm-up, and the sender
-  may try again), so one broken worker cannot hold the others hostage;
+- a message the server rejected, or an empty one, is answered at once (it joined no round or
+  warm-up, and the sender may try again), so one broken worker cannot hold the others hostage;
+- bytes the transport could not read as a message (a :class:`Rejection`) are counted and not
+  answered: no honest worker sends them, and answering would queue replies nobody asked for;
 - a poll that times out lets the server notice silent workers; a sync round they left incomplete
   then closes with the workers it has.
 
@@ -74,9 +76,8 @@ class ServeLoop:
             return True
         if isinstance(got, Rejection):
             server.reject(got.worker, got.reason)
-            due = False
-        else:
-            due = server.receive(got)
+            return False
+        due = server.receive(got)
         self.pending.append(got.worker)
         if due:
             self._update()

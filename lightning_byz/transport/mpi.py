@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Callable
 
 import numpy as np
 import torch
@@ -79,6 +80,7 @@ class MPIServerTransport:
         dtype, device: of the server's model; payloads are handed over on ``device``.
         pin: stage through pinned host buffers (a CUDA server).
         slack: extra receive room, so a too-long message is detected by its size, not truncated.
+        on_discard: told ``(rank, reason)`` of every message discarded unread (the server's ``reject``).
     """
 
     def __init__(
@@ -90,6 +92,7 @@ class MPIServerTransport:
         device: torch.device,
         pin: bool = False,
         slack: int = 1024,
+        on_discard: Callable[[int, str], None] = lambda rank, reason: log.warning("rank %d: %s", rank, reason),
     ):
         self.comm = comm
         self.num_workers = comm.Get_size() - 1
@@ -111,6 +114,8 @@ class MPIServerTransport:
         self._clock = 0
         self._consumed: int | None = None  # the worker whose message the last poll handed out
         self._owed = [False] * self.num_workers  # a message of the worker's was received, not yet answered
+        self._scratch = np.empty(1 << 16, np.uint8)  # where unexpected messages are received and dropped
+        self.on_discard = on_discard
 
     def poll(self, timeout: float) -> Message | Rejection | None:
         """Wait up to ``timeout`` s for one message; its tensors are valid until the next poll."""
@@ -118,6 +123,8 @@ class MPIServerTransport:
         deadline = time.monotonic() + timeout
         spins, pause = 0, 2e-5
         while not self._ready:
+            if spins % 64 == 0:
+                self._drain_unexpected()
             self._flush_deferred()
             try:
                 done = MPI.Request.Testsome(self.requests, self._statuses)
@@ -141,6 +148,21 @@ class MPIServerTransport:
         self._consumed = idx
         return self._decode(idx + 1, nbytes)
 
+    def _drain_unexpected(self) -> None:
+        """Receive and discard what arrived on a tag the server does not read now (counted in
+        ``on_discard``, never interpreted): only raw update messages are ever looked at."""
+        status = MPI.Status()
+        while self.comm.Iprobe(MPI.ANY_SOURCE, MPI.ANY_TAG, status):
+            source, tag = status.Get_source(), status.Get_tag()
+            if tag == TAG_UP:
+                return  # an update waiting for its worker's receive to be re-armed
+            size = min(status.Get_count(MPI.BYTE), self._scratch.size)
+            try:
+                self.comm.Recv([self._scratch[:size], MPI.BYTE], source=source, tag=tag)
+            except MPI.Exception:  # longer than the scratch buffer: truncated, and so consumed
+                pass
+            self.on_discard(source, f"message on unexpected tag {tag} (discarded unread)")
+
     def _decode(self, worker: int, nbytes: int) -> Message | Rejection:
         """Read the received bytes of ``worker`` against the wire format."""
         buf = self.recv[worker - 1]
@@ -149,6 +171,8 @@ class MPIServerTransport:
         sender, step, version, flags = (int(v) for v in buf.header)
         if sender != worker:
             return Rejection(worker, f"unknown sender: header claims worker {sender}, sent by rank {worker}")
+        if flags not in (UP_UPDATE, UP_NOTHING) or step < 0 or version < 0:
+            return Rejection(worker, f"malformed header: step {step}, version {version}, flags {flags}")
         if flags == UP_NOTHING:
             return Message(worker, step, version, None)
         payload = buf.payload[: (nbytes - HEADER_BYTES) // self.itemsize]
@@ -180,7 +204,8 @@ class MPIServerTransport:
     def reply(self, worker: int, reply: Reply) -> None:
         """Send ``reply`` to ``worker`` without blocking (deferred while its previous reply is in flight)."""
         i = worker - 1
-        self._owed[i] = False
+        if not reply.stop:  # a stop leaves _owed telling whether the worker still sends a last message
+            self._owed[i] = False
         if not self.sends[i].Test():  # the worker has not taken its previous reply yet
             self.deferred[worker] = Reply(reply.version, reply.params.clone(), _clone(reply.buffers), reply.stop)
             return
@@ -203,14 +228,24 @@ class MPIServerTransport:
 
     def close(self, drain: float) -> None:
         """Deliver outstanding replies and absorb the last message of every worker that was computing
-        when it was stopped, for up to ``drain`` s; then cancel whatever nobody matched (a worker that
-        never takes its reply, or a crashed one, cannot hold the server)."""
+        when it was stopped, for up to ``drain`` s (meanwhile whatever else arrives is absorbed
+        unread, so no sender blocks on us); then cancel what nobody matched (a worker that never
+        takes its reply, or a crashed one, cannot hold the server)."""
         self._rearm()
-        computing = [i for i in range(self.num_workers) if not self._owed[i]]
+        for i, _ in self._ready:  # received, never handed out: absorbed
+            self.requests[i].Start()
+        self._ready = []
+        computing = {i for i in range(self.num_workers) if not self._owed[i]}
         deadline = time.monotonic() + drain
         while time.monotonic() < deadline:
             self._flush_deferred()
-            computing = [i for i in computing if not self.requests[i].Test()]
+            try:
+                done = MPI.Request.Testsome(self.requests) or []
+            except MPI.Exception:  # an unreadable message: find and re-arm it below
+                done = [i for i, req in enumerate(self.requests) if _completed(req)]
+            for i in done:
+                computing.discard(i)
+                self.requests[i].Start()
             if not computing and not self.deferred and all(req.Test() for req in self.sends):
                 break
             time.sleep(1e-3)
@@ -219,7 +254,13 @@ class MPIServerTransport:
                 req.Cancel()
         for req in self.requests:
             req.Free()
-        self._ready = []
+
+
+def _completed(req: MPI.Request) -> bool:
+    try:
+        return req.Test()
+    except MPI.Exception:
+        return True
 
 
 class MPIWorkerTransport:

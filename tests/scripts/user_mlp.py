@@ -54,6 +54,66 @@ class KillSelf(L.Callback, Fault):
         return 0.0
 
 
+class Marker:
+    """Unpickling this creates ``path``: proof that someone unpickled worker bytes."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+class RogueWorker(L.Callback, Fault):
+    """Test-only fault: ``worker`` attacks the wire. At the start, mid-run and at the end it sends a
+    malicious pickle on every tag of the protocol and a few others, on both communicators it holds;
+    every step it also sends raw fuzz on the update tag (random header words, lengths, flags,
+    versions, bytes) without waiting for the replies, from a seeded generator."""
+
+    TAGS = (0, 11, 12, 13, 14, 99)
+
+    def __init__(self, worker: int, marker: str):
+        self.worker, self.marker = worker, marker
+        self.comm = None
+        self.requests = []
+
+    def on_train_start(self, trainer, pl_module):
+        role = getattr(trainer.strategy, "_role", None)
+        if trainer.strategy.global_rank == self.worker:
+            self.comm = role.comm
+            self._pickles()
+
+    def _pickles(self):
+        from mpi4py import MPI
+
+        for comm in (self.comm, MPI.COMM_WORLD):
+            for tag in self.TAGS:
+                self.requests.append(comm.isend(Marker(self.marker), dest=0, tag=tag))
+
+    def on_worker_message(self, worker, step, vector):
+        if worker != self.worker or self.comm is None:
+            return vector
+        import numpy as np
+        from mpi4py import MPI
+
+        if step == 20:
+            self._pickles()
+        rng = np.random.default_rng(step)
+        header = rng.integers(-(2**62), 2**62, 4)
+        header[0] = worker if step % 2 else header[0]  # half claim to be this worker, to reach further
+        header[3] = rng.integers(-2, 4)
+        body = rng.integers(0, 256, int(rng.integers(0, 64)) * 4, dtype=np.uint8)
+        wire = np.concatenate([header.view(np.uint8), body])[: int(rng.integers(0, 8 * 4 + body.size + 1))]
+        self.requests.append(self.comm.Isend([wire.copy(), MPI.BYTE], dest=0, tag=11))
+        if step % 3 == 0:
+            return vector * float(rng.choice([1e30, -3e38, 1e-30]))  # finite, absurd magnitudes
+        return vector
+
+    def on_train_end(self, trainer, pl_module):
+        if self.comm is not None:
+            self._pickles()
+
+
 class MLP(L.LightningModule):
     def __init__(self, lr: float = 0.1, momentum: float = 0.0, optimizer: str = "sgd"):
         super().__init__()
@@ -104,6 +164,8 @@ def main(argv=None) -> None:
     p.add_argument("--worker-timeout", type=float, default=60.0)
     p.add_argument("--malformed-worker", type=int, default=None)
     p.add_argument("--kill-worker", type=int, nargs=2, default=None, metavar=("WORKER", "STEP"))
+    p.add_argument("--rogue-worker", type=int, default=None)
+    p.add_argument("--marker", default=None, help="file a malicious pickle would create")
     p.add_argument("--straggler", type=int, default=None)
     p.add_argument("--delay", type=float, default=0.0)
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "mu2sgd"])
@@ -120,6 +182,8 @@ def main(argv=None) -> None:
         callbacks.append(MalformedMessages(args.malformed_worker))
     if args.kill_worker:
         callbacks.append(KillSelf(*args.kill_worker))
+    if args.rogue_worker:
+        callbacks.append(RogueWorker(args.rogue_worker, args.marker))
     if args.straggler:
         callbacks.append(Straggler(workers=[args.straggler], delay=args.delay))
     if args.ckpt_dir:
