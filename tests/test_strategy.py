@@ -187,3 +187,22 @@ def test_fastest_byzantine_workers_cannot_own_the_first_update(min_workers, boun
         assert moved > 1000.0  # lr 0.1 × a random vector of std 100 in 50,890 dimensions
     else:
         assert moved < bound
+
+
+def test_checkpoints_load_with_weights_only_and_hold_only_plain_data(tmp_path):
+    """The server's and the simulation's saved state (and the faults') are tensors, numbers, strings
+    and containers of them, so a checkpoint loads with ``torch.load(weights_only=True)``."""
+    run(tmp_path, "w", "--steps", "60", "--optimizer", "mu2sgd", "--straggler", "2", "--delay", "0.01",
+        "--ckpt-dir", str(tmp_path / "ckpt"))
+    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+
+    def plain(value) -> bool:
+        if isinstance(value, dict):
+            return all(isinstance(k, (str, int)) and plain(v) for k, v in value.items())
+        if isinstance(value, (list, tuple)):
+            return all(plain(v) for v in value)
+        return value is None or isinstance(value, (torch.Tensor, bool, int, float, str))
+
+    state = checkpoint["callbacks"]["AsyncPSStrategy"]
+    assert {"server", "query", "clock", "streams", "rules"} <= set(state)
+    assert plain(state) and plain({k: v for k, v in checkpoint["callbacks"].items()})
