@@ -23,6 +23,7 @@ one ``Precision.optimizer_step`` call (see :meth:`AsyncPSStrategy.optimizer_step
 
 from __future__ import annotations
 
+import sys
 import warnings
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
@@ -135,6 +136,7 @@ class AsyncPSStrategy(SingleDeviceStrategy):
             # Lightning sees one single-device process per rank (world_size stays 1): no collectives
             self.global_rank = env.global_rank()
             self.local_rank = _node_local_rank()
+            _abort_job_on_uncaught_exception(self.global_rank)
         else:
             if num_workers is None:
                 if transport == "simulated":
@@ -259,6 +261,31 @@ def _stepping_with(optimizer: torch.optim.Optimizer, step: Callable[[Callable[[]
         yield
     finally:
         del optimizer.step
+
+
+def _abort_job_on_uncaught_exception(rank: int) -> None:
+    """An exception that leaves the script on any rank ends the whole MPI job, whatever the launcher.
+
+    Plain ``mpirun python train.py`` or ``srun lightning-byz fit`` would otherwise leave the other
+    ranks waiting for this one forever (``python -m mpi4py`` does the same as this hook). It runs
+    after Lightning's own exception handling (``on_exception`` callbacks, checkpoint-on-exception,
+    loggers finalised), prints the traceback once, naming the rank, and aborts every rank.
+    """
+    previous = sys.excepthook
+    if getattr(previous, "lightning_byz_abort", False):
+        return
+
+    def hook(kind, value, tb) -> None:
+        role = "the server" if rank == 0 else f"worker {rank}"
+        sys.stderr.write(f"[lightning-byz] rank {rank} ({role}) failed; aborting the MPI job:\n")
+        previous(kind, value, tb)
+        sys.stderr.flush()
+        from lightning_byz.transport import mpi
+
+        mpi.world().Abort(1)
+
+    hook.lightning_byz_abort = True
+    sys.excepthook = hook
 
 
 def _node_local_rank() -> int:

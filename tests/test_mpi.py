@@ -104,3 +104,23 @@ def test_identical_workers_get_the_same_share_whatever_their_rank():
     assert proc.returncode == 0, proc.stderr[-3000:]
     counts = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])["counts"]
     assert min(counts) / max(counts) >= 0.8, counts
+
+
+@pytest.mark.parametrize("rank, phase, runner", [
+    (0, "validation", []),  # plain `mpirun python script.py`
+    (0, "callback", ["-m", "mpi4py"]),
+    (2, "worker_step", []),
+])
+def test_an_exception_on_any_rank_ends_the_job_under_any_launcher(rank, phase, runner, tmp_path):
+    from conftest import USER_SCRIPT
+
+    cmd = [mpirun_path(), "-n", "4", sys.executable, *runner, USER_SCRIPT, "--out", str(tmp_path / "r"),
+           "--steps", "100000", "--boom", str(rank), phase]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, env=mpi_env(4), capture_output=True, text=True, timeout=150)
+    assert proc.returncode != 0
+    assert time.monotonic() - start < 90
+    if not runner:
+        role = "the server" if rank == 0 else f"worker {rank}"
+        assert f"rank {rank} ({role}) failed" in proc.stderr, proc.stderr[-3000:]
+    assert "boom" in proc.stderr

@@ -114,6 +114,29 @@ class RogueWorker(L.Callback, Fault):
             self._pickles()
 
 
+class Boom(L.Callback):
+    """Test-only: raise on ``rank`` in ``phase`` (``validation`` on the server, ``callback`` a train
+    batch hook on any rank, ``worker_step`` a worker's training step)."""
+
+    def __init__(self, rank: int, phase: str):
+        self.rank, self.phase = rank, phase
+
+    def _here(self, trainer) -> bool:
+        return trainer.strategy.global_rank == self.rank
+
+    def on_validation_batch_start(self, trainer, *args):
+        if self.phase == "validation" and self._here(trainer):
+            raise RuntimeError("boom in validation")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.phase == "callback" and self._here(trainer) and batch_idx >= 5:
+            raise RuntimeError("boom in a callback")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.phase == "worker_step" and self._here(trainer) and batch_idx >= 5:
+            raise RuntimeError("boom in a worker's training step")
+
+
 class MLP(L.LightningModule):
     def __init__(self, lr: float = 0.1, momentum: float = 0.0, optimizer: str = "sgd"):
         super().__init__()
@@ -125,6 +148,10 @@ class MLP(L.LightningModule):
         loss = nn.functional.cross_entropy(self.net(x), y)
         self.log("train_loss", loss)
         return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_acc", (self.net(x).argmax(1) == y).float().mean())
 
     def test_step(self, batch, batch_idx):
         x, y = batch
@@ -165,6 +192,7 @@ def main(argv=None) -> None:
     p.add_argument("--malformed-worker", type=int, default=None)
     p.add_argument("--kill-worker", type=int, nargs=2, default=None, metavar=("WORKER", "STEP"))
     p.add_argument("--rogue-worker", type=int, default=None)
+    p.add_argument("--boom", nargs=2, default=None, metavar=("RANK", "PHASE"))
     p.add_argument("--marker", default=None, help="file a malicious pickle would create")
     p.add_argument("--straggler", type=int, default=None)
     p.add_argument("--delay", type=float, default=0.0)
@@ -182,6 +210,8 @@ def main(argv=None) -> None:
         callbacks.append(MalformedMessages(args.malformed_worker))
     if args.kill_worker:
         callbacks.append(KillSelf(*args.kill_worker))
+    if args.boom:
+        callbacks.append(Boom(int(args.boom[0]), args.boom[1]))
     if args.rogue_worker:
         callbacks.append(RogueWorker(args.rogue_worker, args.marker))
     if args.straggler:
@@ -194,7 +224,7 @@ def main(argv=None) -> None:
         callbacks=callbacks,
     )
     train, test = loaders()
-    trainer.fit(model, train, ckpt_path=args.resume)
+    trainer.fit(model, train, test if args.boom else None, ckpt_path=args.resume)
     acc = trainer.test(model, test, verbose=False)[0]["test_acc"]
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     digest = hashlib.sha256(flat.numpy().tobytes()).hexdigest()
