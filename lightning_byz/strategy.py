@@ -137,6 +137,10 @@ class AsyncPSStrategy(SingleDeviceStrategy):
             self.global_rank = env.global_rank()
             self.local_rank = _node_local_rank()
             _abort_job_on_uncaught_exception(self.global_rank)
+            if arrival != "uniform" and self.global_rank == 0:
+                warnings.warn(
+                    f"arrival={arrival!r} only shapes simulated runs; under MPI real timing decides who arrives"
+                )
         else:
             if num_workers is None:
                 if transport == "simulated":

@@ -47,8 +47,9 @@ class Clock:
 
 
 def make_loop(n=3, mode="async", quorum=None, timeout=math.inf, buffers=0, clock=None, **options):
+    name, lam = options.pop("aggregator", "mean"), options.pop("lam", None)
     server = ParameterServer(
-        torch.zeros(D), n, get_aggregator(options.pop("aggregator", "mean")), SGDServer(), lr=lambda: 1.0,
+        torch.zeros(D), n, get_aggregator(name, **({"lam": lam} if lam else {})), SGDServer(), lr=lambda: 1.0,
         mode=mode, quorum=quorum, worker_timeout=timeout, buffers_numel=buffers, clock=clock or Clock(), **options,
     )
     transport = MemoryTransport()
@@ -171,6 +172,32 @@ def test_warm_up_goes_on_without_a_worker_that_stays_silent():
     clock.now = 6.0  # 1 and 2 wait for the server, so they are not silent; 3 never spoke
     assert loop.serve_one()
     assert sorted(transport.answered()) == [1, 2] and loop.server.silent == {3}
+
+
+def test_a_worker_that_only_drops_cannot_hold_up_the_warm_up():
+    clock = Clock()
+    loop, transport = make_loop(timeout=5.0, clock=clock)
+    transport.inbox.extend([msg(1), msg(2), msg(3, vector=False)])
+    for _ in range(3):
+        assert not loop.serve_one()
+    assert transport.answered() == [3]  # answered at once, so it may try again
+    clock.now = 6.0
+    transport.inbox.append(msg(3, vector=False))
+    assert not loop.serve_one()  # a drop is no sign of life
+    assert loop.serve_one()  # quiet poll: 3 is silent, the warm-up closes with 1 and 2
+    assert loop.server.silent == {3} and loop.server.version == 1
+
+
+def test_an_update_the_rule_refuses_is_skipped_and_training_goes_on():
+    loop, transport = make_loop(n=4, min_workers=1, aggregator="krum", lam=0.25)
+    transport.inbox.append(msg(1))
+    assert loop.serve_one()  # one row: krum refuses it (needs n > 2f + 2)
+    assert loop.server.version == 0 and next(iter(loop.server.skipped)).startswith("the rule refused")
+    assert transport.answered() == [1]
+    for w in (2, 3, 4, 1):
+        transport.inbox.append(msg(w))
+        loop.serve_one()
+    assert loop.server.version >= 1
 
 
 def test_max_staleness_rejects_old_updates_and_answers_them():

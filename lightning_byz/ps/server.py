@@ -26,8 +26,10 @@ proportion to their weights), so no rate, however high, buys more than ``max_wei
 
 **Defence in depth.** Rows are validated on arrival (size, NaN/Inf, version); rows written by the
 omniscient-attack slot are validated too (a non-finite one is left out and counted). An update whose
-aggregate is non-finite, or so large that the server step could overflow, is skipped and counted by
-reason (``skipped``), logged with the workers involved; training goes on.
+aggregate is non-finite, or so large that the server step could overflow, or whose rows the rule
+refuses (fewer than it needs), is skipped and counted by reason (``skipped``), logged with the
+workers involved; training goes on. An empty message (a drop) is no sign of life: a worker that
+only ever drops goes silent after ``worker_timeout`` and stops holding up the warm-up.
 """
 
 from __future__ import annotations
@@ -149,13 +151,13 @@ class ParameterServer:
             self.reject(msg.worker, reason)
             return False
         i = msg.worker - 1
+        if msg.vector is None:  # nothing arrived: no sign of a working worker (it may only ever drop)
+            self.lost += 1
+            return False
         self.last_heard[i] = self.clock()
         if msg.worker in self.silent:
             self.silent.discard(msg.worker)
             log.warning("worker %d is back after a silence; counted again", msg.worker)
-        if msg.vector is None:
-            self.lost += 1
-            return False
         self.latest[i].copy_(msg.vector, non_blocking=True)
         if self.latest_buffers.shape[1] and msg.buffers is not None:
             self.latest_buffers[i].copy_(msg.buffers, non_blocking=True)
@@ -245,22 +247,35 @@ class ParameterServer:
         vectors = self.latest if len(workers) == self.num_workers else self.latest[workers - 1]
         if self.attack is not None:
             vectors, w, workers = self._checked_attack(vectors, w, workers)
-        if isinstance(self.aggregator, Aggregator):  # rows were validated on arrival
-            direction = self.aggregator.aggregate_checked(vectors, w)
-        else:
-            direction = self.aggregator(vectors, w)
+        try:
+            if isinstance(self.aggregator, Aggregator):  # rows were validated on arrival
+                direction = self.aggregator.aggregate_checked(vectors, w)
+            else:
+                direction = self.aggregator(vectors, w)
+        except ValueError as exc:  # e.g. fewer rows than the rule needs (krum: n > 2f + 2)
+            self._skip(f"the rule refused the rows: {exc}", workers)
+            return workers
         lr = self.lr()
-        largest = float(direction.abs().amax()) * self.server_rule.step_scale(lr)
+        lo, hi = torch.aminmax(direction)  # one pass, no temporary; NaN propagates
+        largest = float(torch.maximum(-lo, hi)) * self.server_rule.step_scale(lr)
         if not largest < torch.finfo(self.params.dtype).max / 4:
             reason = "non-finite aggregate" if not math.isfinite(largest) else "aggregate too large for the server step"
-            self.skipped[reason] += 1
-            log.error("update skipped (%s) over workers %s", reason, workers.tolist())
-        else:
-            self.server_rule.step([self.params], [direction], lr)
-            self.version += 1
+            self._skip(reason, workers)
+            return workers
+        self.server_rule.step([self.params], [direction], lr)
+        self.version += 1
         self.round.clear()
         self.warm = True
         return workers
+
+    def _skip(self, reason: str, workers: Tensor) -> None:
+        """Count and log an update that is not applied; the collection goes on."""
+        key = reason.split(":")[0]
+        self.skipped[key] += 1
+        if self.skipped[key] <= 3:
+            log.error("update skipped (%s) over workers %s", reason, workers.tolist())
+        self.round.clear()
+        self.warm = True
 
     def _checked_attack(self, vectors: Tensor, w: Tensor, workers: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Run the attack slot; rows it made non-finite are left out (as on arrival) and counted."""

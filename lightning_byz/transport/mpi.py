@@ -37,6 +37,7 @@ HEADER_BYTES = 8 * HEADER
 TAG_UP, TAG_DOWN, TAG_METRICS = 11, 12, 13
 UP_UPDATE, UP_NOTHING = 0, 1
 DOWN_CONTINUE, DOWN_STOP = 0, 1
+DRAIN_EVERY = 256  # polls between two sweeps for messages on unexpected tags (and at every quiet poll)
 
 
 def world() -> MPI.Comm:
@@ -116,15 +117,17 @@ class MPIServerTransport:
         self._owed = [False] * self.num_workers  # a message of the worker's was received, not yet answered
         self._scratch = np.empty(1 << 16, np.uint8)  # where unexpected messages are received and dropped
         self.on_discard = on_discard
+        self._polls = 0
 
     def poll(self, timeout: float) -> Message | Rejection | None:
         """Wait up to ``timeout`` s for one message; its tensors are valid until the next poll."""
         self._rearm()
         deadline = time.monotonic() + timeout
         spins, pause = 0, 2e-5
+        self._polls += 1
+        if self._polls % DRAIN_EVERY == 0:
+            self._drain_unexpected()
         while not self._ready:
-            if spins % 64 == 0:
-                self._drain_unexpected()
             self._flush_deferred()
             try:
                 done = MPI.Request.Testsome(self.requests, self._statuses)
@@ -137,6 +140,7 @@ class MPIServerTransport:
                 self._ready.sort(key=lambda item: self._served[item[0]], reverse=True)  # pop() = least recent
                 break
             if time.monotonic() >= deadline:
+                self._drain_unexpected()
                 return None
             spins += 1
             if spins > 50:
