@@ -146,7 +146,6 @@ def gallery(grid_name: str = "small", seeds: int = 3, steps: int | None = None,
     """Run every cell of ``grid_name`` for seeds 0..``seeds``−1; write the table, heatmap and JSON."""
     if seeds < 1 or (steps is not None and steps < 1):
         raise ValueError(f"--seeds and --steps must be >= 1, got {seeds} and {steps}")
-    torch.set_num_threads(1)
     steps = STEPS[grid_name] if steps is None else steps
     rules, attacks = grid(grid_name)
     out = Path(out)
@@ -198,6 +197,7 @@ def main(args: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, metavar="N", help=f"server steps per cell (default {STEPS})")
     parser.add_argument("--out", default="docs", help="output directory (default docs/)")
     opts = parser.parse_args(args)
+    torch.set_num_threads(1)  # the cells run one after another, one thread each
     try:
         results = gallery(opts.grid, opts.seeds, opts.steps, opts.out)
     except ValueError as err:
