@@ -7,7 +7,8 @@ Rules with a Byzantine budget get lam = 2/9. Attacks: those of
 :data:`lightning_byz.faults.attacks.ATTACKS` (the recipe's scale 4 for ``sign_flip`` and
 ``random``; the papers' scale 1 for the omniscient ones), no attack, and the rate-aware adversary:
 ``flood`` (random gradients, the Byzantine workers arriving 10× as often, default warm-up) and
-``first-arrival`` (the same with ``min_workers=1``: no warm-up quorum). Writes
+``first-arrival`` (the same with ``min_workers=1``: no warm-up quorum). ``drop`` runs with
+``min_workers=7`` (the honest workers): under the default warm-up (all 9) it never starts. Writes
 ``attack_gallery.{png,json}`` to ``--out`` and the table (mean final accuracy over seeds 0..K−1)
 into ``attack_gallery.md`` between its generated-block markers, keeping the text around them.
 
@@ -65,6 +66,8 @@ def attack_overrides(attack: str) -> list[str]:
         args = _attack(FLOOD_ATTACK, BYZANTINE) + [f"--trainer.callbacks.init_args.flood={FLOOD}"]
         return args + (["--trainer.strategy.init_args.min_workers=1"] if attack == "first-arrival" else [])
     args = _attack(attack, BYZANTINE)
+    if attack == "drop":  # a dropping worker's empty messages keep it "heard": the default warm-up never ends
+        args.append(f"--trainer.strategy.init_args.min_workers={NUM_WORKERS - len(BYZANTINE)}")
     return args + (["--trainer.callbacks.init_args.scale=1.0"] if attack in OMNISCIENT else [])
 
 
