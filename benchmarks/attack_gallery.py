@@ -1,0 +1,213 @@
+"""Attack gallery: final accuracy of every robust aggregation rule under every attack, simulated.
+
+Each cell trains the offline quick start (``recipes/quickstart.yaml``: offline MNIST, the MLP
+classifier, async parameter server) with 9 simulated workers arriving uniformly, workers 8 and 9
+Byzantine (λ = 2/9 ≈ 0.22 of the updates), validates once at the end and keeps that accuracy.
+Rules with a Byzantine budget get lam = 2/9. Attacks: those of
+:data:`lightning_byz.faults.attacks.ATTACKS` (the recipe's scale 4 for ``sign_flip`` and
+``random``; the papers' scale 1 for the omniscient ones), no attack, and the rate-aware adversary:
+``flood`` (random gradients, the Byzantine workers arriving 10× as often, default warm-up) and
+``first-arrival`` (the same with ``min_workers=1``: no warm-up quorum). ``drop`` runs with
+``min_workers=7`` (the honest workers): under the default warm-up (all 9) it never starts. Writes
+``attack_gallery.{png,json}`` to ``--out`` and the table (mean final accuracy over seeds 0..K−1)
+into ``attack_gallery.md`` between its generated-block markers, keeping the text around them.
+
+    python benchmarks/attack_gallery.py --grid small --seeds 1 --out /tmp/gallery   # 9 cells, < 1 min
+    python benchmarks/attack_gallery.py --grid full --seeds 3 --out docs/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from lightning_byz.config import recipes_dir
+from lightning_byz.faults.attacks import ATTACKS, OMNISCIENT
+from lightning_byz.report import AccuracyCurve, Run, _agg, _attack, _cell, build, spread
+
+RECIPE = "quickstart.yaml"
+NUM_WORKERS = 9
+BYZANTINE = [8, 9]
+LAM = round(len(BYZANTINE) / NUM_WORKERS, 6)
+FLOOD = 10.0
+FLOOD_ATTACK = "random"
+STEPS = {"small": 20, "full": 300}  # server steps per cell (default of --steps)
+SMALL_RULES = ("mean", "cwmed", "ctma(cwmed)")
+SMALL_ATTACKS = ("none", "random", "ipm")
+BEGIN, END = "<!-- attack_gallery.py: begin -->", "<!-- attack_gallery.py: end -->"
+
+# Bulyan is left out: it needs n >= 4f + 3 = 11 workers for f = 2 (lam < (1 - 3/n)/4 = 0.17 at n = 9).
+RULES: dict[str, list[str]] = {
+    "mean": _agg("mean"),
+    "cwmed": _agg("cwmed"),
+    "cwtm": _agg("cwtm", lam=LAM),
+    "meamed": _agg("meamed", lam=LAM),
+    "phocas": _agg("phocas", lam=LAM),
+    "gm": _agg("gm"),
+    "krum": _agg("krum", lam=LAM),
+    "multikrum": _agg("multikrum", lam=LAM),
+    "cclip": _agg("cclip"),
+    "ctma(cwmed)": _agg("ctma", base="cwmed", lam=LAM),
+    "nnm+cwmed": _agg("cwmed", pre="nnm", lam=LAM),
+    "flag": _agg("flag"),
+}
+
+
+def attack_overrides(attack: str) -> list[str]:
+    """CLI overrides of one gallery column (see the module doc)."""
+    if attack == "none":
+        return ["--trainer.callbacks=[]"]
+    if attack in ("flood", "first-arrival"):
+        args = _attack(FLOOD_ATTACK, BYZANTINE) + [f"--trainer.callbacks.init_args.flood={FLOOD}"]
+        return args + (["--trainer.strategy.init_args.min_workers=1"] if attack == "first-arrival" else [])
+    args = _attack(attack, BYZANTINE)
+    if attack == "drop":  # a dropping worker's empty messages keep it "heard": the default warm-up never ends
+        args.append(f"--trainer.strategy.init_args.min_workers={NUM_WORKERS - len(BYZANTINE)}")
+    return args + (["--trainer.callbacks.init_args.scale=1.0"] if attack in OMNISCIENT else [])
+
+
+ALL_ATTACKS = ("none", *ATTACKS, "flood", "first-arrival")
+
+
+def grid(name: str) -> tuple[list[str], list[str]]:
+    """The rule and attack labels of grid ``name`` (``small`` or ``full``)."""
+    if name == "small":
+        return list(SMALL_RULES), list(SMALL_ATTACKS)
+    return list(RULES), list(ALL_ATTACKS)
+
+
+def run_cell(rule: str, attack: str, steps: int, seed: int, data=None) -> tuple[float, float, object]:
+    """Fit one cell in-process; (final validation accuracy, Byzantine share of the server's weight
+    s_i / Σ s_j at the end, the fitted datamodule). ``data``: a datamodule set up by an earlier
+    cell, reused so the digits are loaded once."""
+    overrides = [f"--trainer.strategy.init_args.num_workers={NUM_WORKERS}",
+                 "--trainer.strategy.init_args.arrival=uniform", f"--trainer.max_steps={steps}",
+                 f"--trainer.val_check_interval={steps}", *RULES[rule], *attack_overrides(attack)]
+    cli = build(recipes_dir() / RECIPE, Run(f"{rule} / {attack}", overrides), None, seed)
+    curve = AccuracyCurve()
+    cli.trainer.callbacks.append(curve)
+    data = cli.datamodule if data is None else data
+    cli.trainer.fit(cli.model, data)
+    counts = cli.trainer.strategy.server.counts.double()
+    byzantine = counts[[w - 1 for w in BYZANTINE]].sum() / counts.sum()
+    return curve.points[-1][1], float(byzantine), data
+
+
+def heatmap(rules: list[str], attacks: list[str], means: dict, path: Path, title: str) -> None:
+    """Rules × attacks, colour and label the mean final accuracy (grey "err": the cell failed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    values = [[means[r][a] if means[r][a] is not None else math.nan for a in attacks] for r in rules]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.75 * len(attacks), 1.2 + 0.42 * len(rules)))
+    cmap = plt.get_cmap("viridis").copy()
+    cmap.set_bad("lightgrey")
+    image = ax.imshow(values, vmin=0, vmax=1, cmap=cmap, aspect="auto")
+    for i, row in enumerate(values):
+        for j, value in enumerate(row):
+            text = "err" if math.isnan(value) else f"{value:.2f}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=7,
+                    color="black" if math.isnan(value) or value > 0.6 else "white")
+    ax.set_xticks(range(len(attacks)), attacks, rotation=40, ha="right", fontsize=8)
+    ax.set_yticks(range(len(rules)), rules, fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.03, label="final val accuracy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def table(rules: list[str], attacks: list[str], accuracies: dict, seeds: int, provenance: str) -> str:
+    """Markdown: ``provenance``, then one row per rule, one column per attack, mean [min, max] over seeds."""
+    over = f"mean [min, max] over {seeds} seeds" if seeds > 1 else "one seed"
+    lines = [provenance, "", f"Final validation accuracy ({over}); `error`: the run raised.", "",
+             "| rule | " + " | ".join(attacks) + " |", "|---" * (len(attacks) + 1) + "|"]
+    for rule in rules:
+        cells = [_cell(spread(accuracies[rule][a])) if accuracies[rule][a] else "error" for a in attacks]
+        lines.append(f"| {rule} | " + " | ".join(cells) + " |")
+    return "\n".join(lines + ["", "![attack gallery](attack_gallery.png)"])
+
+
+def write_block(path: Path, block: str) -> None:
+    """Put ``block`` between the markers of ``path``, keeping the rest (a new file: the block alone)."""
+    text = path.read_text() if path.is_file() else f"# Attack gallery\n\n{BEGIN}\n{END}\n"
+    head, found, rest = text.partition(BEGIN)
+    if not found or END not in rest:
+        raise ValueError(f"{path} lacks the markers {BEGIN} ... {END}")
+    path.write_text(f"{head}{BEGIN}\n{block}\n{END}{rest.partition(END)[2]}")
+
+
+def gallery(grid_name: str = "small", seeds: int = 3, steps: int | None = None,
+            out: str | Path = "docs") -> dict:
+    """Run every cell of ``grid_name`` for seeds 0..``seeds``−1; write the table, heatmap and JSON."""
+    if seeds < 1 or (steps is not None and steps < 1):
+        raise ValueError(f"--seeds and --steps must be >= 1, got {seeds} and {steps}")
+    steps = STEPS[grid_name] if steps is None else steps
+    rules, attacks = grid(grid_name)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    accuracies = {r: {a: [] for a in attacks} for r in rules}
+    byzantine_share = {r: {a: [] for a in attacks} for r in rules}
+    errors: dict[str, str] = {}
+    data, start = None, time.monotonic()
+    for rule in rules:
+        for attack in attacks:
+            for seed in range(seeds):
+                cell_start = time.monotonic()
+                try:
+                    accuracy, share, data = run_cell(rule, attack, steps, seed, data)
+                except Exception as err:  # a failing rule is a result of the gallery, reported in the table
+                    errors[f"{rule} / {attack} / seed {seed}"] = f"{type(err).__name__}: {err}"
+                    accuracies[rule][attack] = []
+                    print(f"[gallery] {rule} / {attack} (seed {seed}): ERROR {err}", flush=True)
+                    break
+                accuracies[rule][attack].append(accuracy)
+                byzantine_share[rule][attack].append(share)
+                print(f"[gallery] {rule} / {attack} (seed {seed}): {accuracy:.3f} "
+                      f"({time.monotonic() - cell_start:.1f} s)", flush=True)
+    wall = time.monotonic() - start
+    means = {r: {a: (sum(v) / len(v) if v else None) for a, v in row.items()} for r, row in accuracies.items()}
+    title = (f"Final accuracy, {NUM_WORKERS} workers, {len(BYZANTINE)} Byzantine (λ ≈ {LAM:.2f}), "
+             f"{steps} steps, mean of {seeds} seed{'s' * (seeds > 1)}")
+    heatmap(rules, attacks, means, out / "attack_gallery.png", title)
+    cell_s = wall / (len(rules) * len(attacks) * seeds)
+    provenance = (f"Produced by `python benchmarks/attack_gallery.py --grid {grid_name} --seeds {seeds} "
+                  f"--steps {steps}` in {wall / 60:.1f} min ({cell_s:.1f} s per run, "
+                  f"`torch.set_num_threads(1)`).")
+    write_block(out / "attack_gallery.md", table(rules, attacks, accuracies, seeds, provenance))
+    results = {"grid": grid_name, "seeds": list(range(seeds)), "steps": steps, "num_workers": NUM_WORKERS,
+               "byzantine": BYZANTINE, "lam": LAM, "flood": FLOOD, "flood_attack": FLOOD_ATTACK,
+               "wall_s": round(wall, 1), "cell_s": round(cell_s, 2),
+               "rules": {r: RULES[r] for r in rules}, "attacks": {a: attack_overrides(a) for a in attacks},
+               "accuracy": accuracies, "byzantine_weight_share": byzantine_share, "errors": errors}
+    (out / "attack_gallery.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+def main(args: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--grid", choices=tuple(STEPS), default="small",
+                        help=f"small: {len(SMALL_RULES)} rules x {len(SMALL_ATTACKS)} attacks (tests); "
+                             f"full: {len(RULES)} rules x {len(ALL_ATTACKS)} attacks")
+    parser.add_argument("--seeds", type=int, default=3, metavar="K", help="seeds 0..K-1 per cell (default 3)")
+    parser.add_argument("--steps", type=int, metavar="N", help=f"server steps per cell (default {STEPS})")
+    parser.add_argument("--out", default="docs", help="output directory (default docs/)")
+    opts = parser.parse_args(args)
+    torch.set_num_threads(1)  # the cells run one after another, one thread each
+    try:
+        results = gallery(opts.grid, opts.seeds, opts.steps, opts.out)
+    except ValueError as err:
+        parser.error(str(err))
+    print(f"[gallery] {results['wall_s']:.0f} s, {results['cell_s']:.1f} s per cell; written to {opts.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
