@@ -8,7 +8,8 @@ Rules with a Byzantine budget get lam = 2/9. Attacks: those of
 ``random``; the papers' scale 1 for the omniscient ones), no attack, and the rate-aware adversary:
 ``flood`` (random gradients, the Byzantine workers arriving 10× as often, default warm-up) and
 ``first-arrival`` (the same with ``min_workers=1``: no warm-up quorum). ``drop`` runs with
-``min_workers=7`` (the honest workers): under the default warm-up (all 9) it never starts. Writes
+``min_workers=7`` (the honest workers): under the default warm-up (all 9) the server would first
+wait ``worker_timeout`` (60 virtual seconds of arrivals) for the droppers to count as silent. Writes
 ``attack_gallery.{png,json}`` to ``--out`` and the table (mean final accuracy over seeds 0..K−1)
 into ``attack_gallery.md`` between its generated-block markers, keeping the text around them.
 
@@ -28,7 +29,7 @@ import torch
 
 from lightning_byz.config import recipes_dir
 from lightning_byz.faults.attacks import ATTACKS, OMNISCIENT
-from lightning_byz.report import AccuracyCurve, Run, _agg, _attack, _cell, build, spread
+from lightning_byz.report import AccuracyCurve, Run, attack_args, build, format_cell, rule_args, spread
 
 RECIPE = "quickstart.yaml"
 NUM_WORKERS = 9
@@ -43,18 +44,18 @@ BEGIN, END = "<!-- attack_gallery.py: begin -->", "<!-- attack_gallery.py: end -
 
 # Bulyan is left out: it needs n >= 4f + 3 = 11 workers for f = 2 (lam < (1 - 3/n)/4 = 0.17 at n = 9).
 RULES: dict[str, list[str]] = {
-    "mean": _agg("mean"),
-    "cwmed": _agg("cwmed"),
-    "cwtm": _agg("cwtm", lam=LAM),
-    "meamed": _agg("meamed", lam=LAM),
-    "phocas": _agg("phocas", lam=LAM),
-    "gm": _agg("gm"),
-    "krum": _agg("krum", lam=LAM),
-    "multikrum": _agg("multikrum", lam=LAM),
-    "cclip": _agg("cclip"),
-    "ctma(cwmed)": _agg("ctma", base="cwmed", lam=LAM),
-    "nnm+cwmed": _agg("cwmed", pre="nnm", lam=LAM),
-    "flag": _agg("flag"),
+    "mean": rule_args("mean"),
+    "cwmed": rule_args("cwmed"),
+    "cwtm": rule_args("cwtm", lam=LAM),
+    "meamed": rule_args("meamed", lam=LAM),
+    "phocas": rule_args("phocas", lam=LAM),
+    "gm": rule_args("gm"),
+    "krum": rule_args("krum", lam=LAM),
+    "multikrum": rule_args("multikrum", lam=LAM),
+    "cclip": rule_args("cclip"),
+    "ctma(cwmed)": rule_args("ctma", base="cwmed", lam=LAM),
+    "nnm+cwmed": rule_args("cwmed", pre="nnm", lam=LAM),
+    "flag": rule_args("flag"),
 }
 
 
@@ -63,10 +64,10 @@ def attack_overrides(attack: str) -> list[str]:
     if attack == "none":
         return ["--trainer.callbacks=[]"]
     if attack in ("flood", "first-arrival"):
-        args = _attack(FLOOD_ATTACK, BYZANTINE) + [f"--trainer.callbacks.init_args.flood={FLOOD}"]
+        args = attack_args(FLOOD_ATTACK, BYZANTINE) + [f"--trainer.callbacks.init_args.flood={FLOOD}"]
         return args + (["--trainer.strategy.init_args.min_workers=1"] if attack == "first-arrival" else [])
-    args = _attack(attack, BYZANTINE)
-    if attack == "drop":  # a dropping worker's empty messages keep it "heard": the default warm-up never ends
+    args = attack_args(attack, BYZANTINE)
+    if attack == "drop":  # skip the warm-up's wait for the droppers to go silent (see the module doc)
         args.append(f"--trainer.strategy.init_args.min_workers={NUM_WORKERS - len(BYZANTINE)}")
     return args + (["--trainer.callbacks.init_args.scale=1.0"] if attack in OMNISCIENT else [])
 
@@ -130,7 +131,7 @@ def table(rules: list[str], attacks: list[str], accuracies: dict, seeds: int, pr
     lines = [provenance, "", f"Final validation accuracy ({over}); `error`: the run raised.", "",
              "| rule | " + " | ".join(attacks) + " |", "|---" * (len(attacks) + 1) + "|"]
     for rule in rules:
-        cells = [_cell(spread(accuracies[rule][a])) if accuracies[rule][a] else "error" for a in attacks]
+        cells = [format_cell(spread(accuracies[rule][a])) if accuracies[rule][a] else "error" for a in attacks]
         lines.append(f"| {rule} | " + " | ".join(cells) + " |")
     return "\n".join(lines + ["", "![attack gallery](attack_gallery.png)"])
 

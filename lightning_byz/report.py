@@ -70,12 +70,12 @@ class Figure:
     runs: list[Run]
 
 
-def _agg(name: str, **kwargs) -> list[str]:
+def rule_args(name: str, **kwargs) -> list[str]:
     prefix = "--trainer.strategy.init_args."
     return [f"{prefix}aggregator={name}", f"{prefix}aggregator_kwargs={json.dumps(kwargs) if kwargs else 'null'}"]
 
 
-def _attack(name: str, workers: list[int] | None = None) -> list[str]:
+def attack_args(name: str, workers: list[int] | None = None) -> list[str]:
     args = [f"--trainer.callbacks.init_args.attack={name}"]
     if name == "label_flip":
         args.append("--trainer.callbacks.init_args.num_classes=10")
@@ -89,11 +89,11 @@ def _flag_rules(grid: str, n: int, f: int, extra: tuple[str, ...] = ()) -> list[
     m = n), and the classic rules with Byzantine budget lam = f/n (``full`` adds MeaMed, Phocas,
     Bulyan); ``extra`` rules without arguments (e.g. the plain mean) come first."""
     lam = round(f / n, 6)
-    rules = [(name, _agg(name)) for name in extra] + [
-        ("fa", _agg("fa")), ("normalised mean (fa, m=n)", _agg("fa", m=n)), ("cwtm", _agg("cwtm", lam=lam)),
-        ("cwmed", _agg("cwmed")), ("multikrum", _agg("multikrum", lam=lam))]
+    rules = [(name, rule_args(name)) for name in extra] + [
+        ("fa", rule_args("fa")), ("normalised mean (fa, m=n)", rule_args("fa", m=n)), ("cwtm", rule_args("cwtm", lam=lam)),
+        ("cwmed", rule_args("cwmed")), ("multikrum", rule_args("multikrum", lam=lam))]
     if grid == "full":
-        rules += [(name, _agg(name, lam=lam)) for name in ("meamed", "phocas", "bulyan")]
+        rules += [(name, rule_args(name, lam=lam)) for name in ("meamed", "phocas", "bulyan")]
     return [Run(label, overrides) for label, overrides in rules]
 
 
@@ -104,7 +104,7 @@ def figures(grid: str) -> list[Figure]:
     weighted = Figure(
         "mnist_async_weighted", "Weighted vs unweighted (17 workers, 8 Byzantine, P ∝ i²)",
         "weighted beats unweighted (Dahan & Levy 2024, Fig. 1)", "mnist_async_weighted-offline.yaml",
-        [Run(f"{'w-' if not unw else ''}{rule} / {attack}", _agg(rule) + _attack(attack), unw)
+        [Run(f"{'w-' if not unw else ''}{rule} / {attack}", rule_args(rule) + attack_args(attack), unw)
          for attack in ("sign_flip", "label_flip") for rule in ("cwmed", "rfa")[: 2 if full else 1]
          for unw in (False, True)],
     )
@@ -113,8 +113,8 @@ def figures(grid: str) -> list[Figure]:
         "cifar10_flag_lambda", "FA's regulariser λ, p = 7, f = 1 random gradient (sync)",
         "FA improves on or matches Multi-Krum and Bulyan over a range of λ (FA paper, Fig. 8)",
         "cifar10_flag_lambda-offline.yaml",
-        [Run(f"fa, λ = {value}", _agg("fa", lam=value)) for value in sweep]
-        + [Run(name, _agg(name, lam=round(1 / 7, 6))) for name in ("multikrum", "bulyan")],
+        [Run(f"fa, λ = {value}", rule_args("fa", lam=value)) for value in sweep]
+        + [Run(name, rule_args(name, lam=round(1 / 7, 6))) for name in ("multikrum", "bulyan")],
     )
     if grid == "tiny":
         weighted.runs, lam.runs = weighted.runs[:2], [lam.runs[0], lam.runs[len(sweep) - 1]]  # λ = 0, 7
@@ -122,14 +122,14 @@ def figures(grid: str) -> list[Figure]:
     ctma = Figure(
         "mnist_ctma", "w-CTMA on/off (17 workers, 8 Byzantine, P ∝ i²)",
         "w-CTMA helps most under empire (Dahan & Levy 2024, Fig. 2)", "mnist_ctma-offline.yaml",
-        [Run(f"{name} / {attack}", agg + _attack(attack))
+        [Run(f"{name} / {attack}", agg + attack_args(attack))
          for attack in ("sign_flip", "alie", "ipm")
-         for name, agg in (("w-cwmed", _agg("cwmed")), ("ctma(w-cwmed)", _agg("ctma", base="cwmed", lam=0.2)))],
+         for name, agg in (("w-cwmed", rule_args("cwmed")), ("ctma(w-cwmed)", rule_args("ctma", base="cwmed", lam=0.2)))],
     )
     optim = Figure(
         "cifar10_mu2sgd", "μ²-SGD vs momentum vs SGD (9 workers, 4 Byzantine, P ∝ i, λ = 0.4)",
         "μ²-SGD ≈ momentum ≫ SGD (Dahan & Levy 2024, Fig. 3)", "cifar10_mu2sgd-offline.yaml",
-        [Run(f"{opt} / {attack}", [f"--model.init_args.optimizer={opt}"] + _attack(attack))
+        [Run(f"{opt} / {attack}", [f"--model.init_args.optimizer={opt}"] + attack_args(attack))
          for attack in ("sign_flip", "ipm")[: 2 if full else 1] for opt in ("mu2sgd", "momentum", "sgd")],
     )
     flag = Figure(
@@ -223,7 +223,7 @@ def plot(figure: Figure, curves: dict[str, list[Curve]], path: Path) -> None:
     plt.close(fig)
 
 
-def _cell(stat: dict[str, float] | None) -> str:
+def format_cell(stat: dict[str, float] | None) -> str:
     if stat is None:
         return "n/a"
     if stat["min"] == stat["max"]:
@@ -237,7 +237,7 @@ def table(figure: Figure, summary: dict[str, dict | None], seeds: int) -> str:
     lines = [f"### {figure.title}", "", f"Claim: {figure.claim}. Recipe: `recipes/{figure.recipe}`.", "",
              f"| run | final acc{over} | best acc{over} |", "|---|---|---|"]
     for label, stats in summary.items():
-        lines.append(f"| {label} | {_cell(stats and stats['final'])} | {_cell(stats and stats['best'])} |")
+        lines.append(f"| {label} | {format_cell(stats and stats['final'])} | {format_cell(stats and stats['best'])} |")
     return "\n".join(lines) + "\n"
 
 
