@@ -11,7 +11,10 @@ import torch
 
 from lightning_byz.aggregators import get_aggregator
 from lightning_byz.cli import main
-from lightning_byz.report import RECIPES, Unweighted, band, build, figures, run_one, summarise
+from lightning_byz.config import recipes_dir
+from lightning_byz.report import Unweighted, band, build, figures, run_one, summarise
+
+RECIPES = recipes_dir()
 
 SEED_FIGURES = {"mnist_async_weighted", "mnist_ctma", "cifar10_mu2sgd", "cifar10_flag", "cifar10_flag_packet_loss",
                 "cifar10_flag_augmentation", "cifar10_flag_lambda"}
