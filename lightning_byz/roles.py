@@ -161,6 +161,7 @@ class SimulatedRole(Role):
             worker.version, worker.step = state["versions"][i], state["steps"][i]
             worker.rule.load_state_dict(state["rules"][i])
         self.loop.pending = list(state["waiting"])
+        self.transport.waiting = set(self.loop.pending)
         self.clock.load_state_dict(state["clock"])
         self.stream_states = state["streams"]
         torch.set_rng_state(state["torch_rng"])
