@@ -92,7 +92,7 @@ def _ps_round(comm, d: int, seconds: float) -> float:
     from lightning_byz.aggregators import get_aggregator
     from lightning_byz.optim.split import SGDServer
     from lightning_byz.ps import Message, ParameterServer, ServeLoop
-    from lightning_byz.transport.mpi import MPIServerTransport, MPIWorkerTransport
+    from lightning_byz.transport.mpi import MPIServerTransport, MPIWorkerTransport, barrier
 
     rank, n = comm.Get_rank(), comm.Get_size() - 1
     if rank == 0:
@@ -108,7 +108,8 @@ def _ps_round(comm, d: int, seconds: float) -> float:
             count += loop.serve_one()
         elapsed = time.perf_counter() - start
         loop.stop()  # as the strategy's finish(): final parameters with the stop flag
-        transport.close(drain=5.0)
+        barrier(comm, timeout=30.0, while_waiting=transport.absorb)
+        transport.close()
         assert not server.rejected, server.rejected
         return count / elapsed
     transport = MPIWorkerTransport(comm, d, 0, torch.float32)
@@ -119,6 +120,7 @@ def _ps_round(comm, d: int, seconds: float) -> float:
         reply = transport.exchange(Message(rank, step, version, vector))
         version, step = reply.version, step + 1
         if reply.stop:
+            barrier(comm, timeout=30.0)
             return 0.0
 
 

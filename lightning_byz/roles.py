@@ -207,13 +207,14 @@ class MPIServerRole(Role):
             return
         self.stopped = True
         self.loop.stop()
-        self.transport.close(drain=min(self.strategy.worker_timeout, 30.0))
-        faults = self.strategy.faults
-        values, rejected = mpi.gather_metrics(self.comm, faults.num_counters, timeout=10.0)
+        faults, absorb = self.strategy.faults, self.transport.absorb  # workers' last updates, unread
+        timeout = min(self.strategy.worker_timeout, 30.0)
+        values, rejected = mpi.gather_metrics(self.comm, faults.num_counters, timeout, while_waiting=absorb)
         for worker, reason in rejected.items():
             self.server.reject(worker, reason)
         self._log_worker_fault_metrics({w: faults.metrics_of(v.tolist()) for w, v in values.items()})
-        mpi.barrier(self.comm, timeout=30.0)
+        mpi.barrier(self.comm, timeout=30.0, while_waiting=absorb)
+        self.transport.close()
 
     def _log_worker_fault_metrics(self, gathered: dict[int, dict[str, float]]) -> None:
         """Worker-side fault counters (attacks, packet loss) live on the workers: log them as

@@ -114,7 +114,6 @@ class MPIServerTransport:
         self._served = [0] * self.num_workers  # when each worker was last served (a counter)
         self._clock = 0
         self._consumed: int | None = None  # the worker whose message the last poll handed out
-        self._owed = [False] * self.num_workers  # a message of the worker's was received, not yet answered
         self._scratch = np.empty(1 << 16, np.uint8)  # where unexpected messages are received and dropped
         self.on_discard = on_discard
         self._polls = 0
@@ -135,8 +134,6 @@ class MPIServerTransport:
                 return self._unreadable(exc)
             if done:
                 self._ready = [(i, self._statuses[k].Get_count(MPI.BYTE)) for k, i in enumerate(done)]
-                for i in done:
-                    self._owed[i] = True
                 self._ready.sort(key=lambda item: self._served[item[0]], reverse=True)  # pop() = least recent
                 break
             if time.monotonic() >= deadline:
@@ -208,8 +205,6 @@ class MPIServerTransport:
     def reply(self, worker: int, reply: Reply) -> None:
         """Send ``reply`` to ``worker`` without blocking (deferred while its previous reply is in flight)."""
         i = worker - 1
-        if not reply.stop:  # a stop leaves _owed telling whether the worker still sends a last message
-            self._owed[i] = False
         if not self.sends[i].Test():  # the worker has not taken its previous reply yet
             self.deferred[worker] = Reply(reply.version, reply.params.clone(), _clone(reply.buffers), reply.stop)
             return
@@ -230,31 +225,25 @@ class MPIServerTransport:
         buf.header[:] = (reply.version, DOWN_STOP if reply.stop else DOWN_CONTINUE, 0, 0)
         self.sends[i] = self.comm.Isend([buf.bytes, MPI.BYTE], dest=i + 1, tag=TAG_DOWN)
 
-    def close(self, drain: float) -> None:
-        """Deliver outstanding replies and absorb the last message of every worker that was computing
-        when it was stopped, for up to ``drain`` s (meanwhile whatever else arrives is absorbed
-        unread, so no sender blocks on us); then cancel what nobody matched (a worker that never
-        takes its reply, or a crashed one, cannot hold the server)."""
+    def absorb(self) -> None:
+        """After the stop: deliver deferred replies, and receive and drop whatever updates arrive, so
+        no worker blocks on a send the server no longer reads. Called while waiting at teardown."""
         self._rearm()
-        for i, _ in self._ready:  # received, never handed out: absorbed
+        for i, _ in self._ready:
             self.requests[i].Start()
         self._ready = []
-        computing = {i for i in range(self.num_workers) if not self._owed[i]}
-        deadline = time.monotonic() + drain
-        while time.monotonic() < deadline:
-            self._flush_deferred()
-            try:
-                done = MPI.Request.Testsome(self.requests) or []
-            except MPI.Exception:  # an unreadable message: find and re-arm it below
-                done = [i for i, req in enumerate(self.requests) if _completed(req)]
-            for i in done:
-                computing.discard(i)
-                self.requests[i].Start()
-            if not computing and not self.deferred and all(req.Test() for req in self.sends):
-                break
-            time.sleep(1e-3)
+        self._flush_deferred()
+        try:
+            done = MPI.Request.Testsome(self.requests) or []
+        except MPI.Exception:  # an unreadable message: find and re-arm it
+            done = [i for i, req in enumerate(self.requests) if _completed(req)]
+        for i in done:
+            self.requests[i].Start()
+
+    def close(self) -> None:
+        """Cancel what nobody matched (every worker has passed the teardown barrier) and free it all."""
         for req in [*self.sends, *self.requests]:
-            if not req.Test():
+            if not _completed(req):
                 req.Cancel()
         for req in self.requests:
             req.Free()
@@ -311,7 +300,7 @@ def _clone(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.clone()
 
 
-def barrier(comm: MPI.Comm, timeout: float) -> None:
+def barrier(comm: MPI.Comm, timeout: float, while_waiting: Callable[[], None] = lambda: None) -> None:
     """A barrier that gives up (and aborts the job) instead of hanging forever."""
     req = comm.Ibarrier()
     deadline = time.monotonic() + timeout
@@ -319,6 +308,7 @@ def barrier(comm: MPI.Comm, timeout: float) -> None:
         if time.monotonic() > deadline:
             log.error("teardown barrier timed out after %.0fs; aborting the MPI job", timeout)
             comm.Abort(3)
+        while_waiting()
         time.sleep(1e-3)
 
 
@@ -328,7 +318,9 @@ def send_metrics(comm: MPI.Comm, values: list[float]) -> MPI.Request:
     return comm.Isend([data, MPI.DOUBLE], dest=0, tag=TAG_METRICS)
 
 
-def gather_metrics(comm: MPI.Comm, count: int, timeout: float) -> tuple[dict[int, np.ndarray], dict[int, str]]:
+def gather_metrics(
+    comm: MPI.Comm, count: int, timeout: float, while_waiting: Callable[[], None] = lambda: None
+) -> tuple[dict[int, np.ndarray], dict[int, str]]:
     """Server: every worker's ``count`` counter values, as far as they arrive within ``timeout`` s.
 
     Raw float64 against the schema both sides derive from the configuration: nothing a worker sends
@@ -359,6 +351,7 @@ def gather_metrics(comm: MPI.Comm, count: int, timeout: float) -> tuple[dict[int
                 else:
                     values[w] = row
                 del requests[w]
+        while_waiting()
         time.sleep(1e-3)
     for req in requests.values():
         req.Cancel()

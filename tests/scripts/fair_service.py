@@ -12,7 +12,7 @@ from mpi4py import MPI
 
 from lightning_byz.optim.split import SGDServer
 from lightning_byz.ps import Message, ParameterServer, ServeLoop
-from lightning_byz.transport.mpi import MPIServerTransport, MPIWorkerTransport
+from lightning_byz.transport.mpi import MPIServerTransport, MPIWorkerTransport, barrier
 
 D = 1000
 
@@ -36,7 +36,8 @@ def main() -> None:
         for _ in range(args.updates):
             loop.serve_until_update()
         loop.stop()
-        transport.close(drain=5.0)
+        barrier(comm, timeout=30.0, while_waiting=transport.absorb)
+        transport.close()
         print(json.dumps({"counts": server.counts.tolist()}), flush=True)
     else:
         transport = MPIWorkerTransport(comm, D, 0, torch.float32)
@@ -46,7 +47,7 @@ def main() -> None:
             version = reply.version
             if reply.stop:
                 break
-    comm.Barrier()
+        barrier(comm, timeout=30.0)
 
 
 if __name__ == "__main__":
