@@ -12,6 +12,7 @@ training step sees, the closure it gets, the metrics it logs, the state it check
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable
@@ -26,6 +27,8 @@ from lightning_byz.ps import FlatModel, ParameterServer, Reply, ServeLoop, Worke
 
 if TYPE_CHECKING:
     from lightning_byz.strategy import AsyncPSStrategy
+
+log = logging.getLogger(__name__)
 
 
 class Role:
@@ -77,9 +80,21 @@ class ServerLogging:
         self.strategy = strategy
         self.server = server
         self.times: deque[float] = deque(maxlen=64)
+        self._warm_up_text = ""
 
     def tick(self) -> None:
         self.times.append(time.perf_counter())
+
+    def warm_up(self, heard: int, needed: int) -> None:
+        """Say in the progress bar (else the log, once per change) that the server waits for workers."""
+        text = f"warm-up: heard {heard}/{needed} workers"
+        if text == self._warm_up_text:
+            return
+        self._warm_up_text = text
+        try:
+            self.strategy.lightning_module.trainer.progress_bar_callback.train_progress_bar.set_postfix_str(text)
+        except (AttributeError, TypeError):  # no progress bar, or not a tqdm one
+            log.info(text)
 
     def log(self) -> None:
         module = self.strategy.lightning_module
@@ -115,7 +130,7 @@ class SimulatedRole(Role):
             WorkerStep(i + 1, rule, flat, strategy.faults, scratch=scratch) for i, rule in enumerate(rules)
         ]
         self.transport = SimulatedTransport(self.workers, self.clock, self.x, strategy.faults, strategy.batch_to_device)
-        self.loop = ServeLoop(self.server, self.transport)
+        self.loop = ServeLoop(self.server, self.transport, on_warm_up=self.logging.warm_up)
         self.stream_states: list[dict] = []  # restored before the streams exist
 
     def train_dataloader(self, dataloader: object) -> object:
@@ -183,7 +198,7 @@ class MPIServerRole(Role):
             self.comm, flat.numel, b, flat.dtype, flat.device, pin, on_discard=self.server.reject
         )
         self.logging = ServerLogging(strategy, self.server)
-        self.loop = ServeLoop(self.server, self.transport, model=flat)
+        self.loop = ServeLoop(self.server, self.transport, model=flat, on_warm_up=self.logging.warm_up)
         self.stopped = False
 
     def train_dataloader(self, dataloader: object) -> object:

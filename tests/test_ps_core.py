@@ -156,6 +156,15 @@ def test_warm_up_waits_for_every_worker_and_counts_each_once():
     assert loop.serve_one() and transport.answered() == [2]
 
 
+def test_warm_up_progress_is_reported_until_the_first_update():
+    loop, transport = make_loop()
+    seen = []
+    loop.on_warm_up = lambda heard, needed: seen.append((heard, needed))
+    transport.inbox.extend([msg(1), msg(2), msg(3)])
+    loop.serve_until_update()
+    assert seen == [(1, 3), (2, 3)]
+
+
 def test_warm_up_cannot_be_owned_by_the_first_arrival_at_any_magnitude():
     for magnitude in (1e3, 1e15, 3e38):
         loop, transport = make_loop(n=5, aggregator="cwmed")

@@ -22,7 +22,7 @@ differ only in the transport.
 
 from __future__ import annotations
 
-from typing import Iterable, Protocol
+from typing import Callable, Iterable, Protocol
 
 from lightning_byz.ps.flat import FlatModel
 from lightning_byz.ps.messages import Message, Rejection, Reply
@@ -43,7 +43,8 @@ class ServeLoop:
     """Receive → validate → maybe update → answer, over ``transport``.
 
     ``model`` (optional) is the server's module: aggregated buffers (BatchNorm statistics) are loaded
-    into it after each update and its buffers travel with every reply.
+    into it after each update and its buffers travel with every reply. ``on_warm_up(heard, needed)``
+    (optional) hears how the warm-up goes, after every message and quiet poll until the first update.
     """
 
     def __init__(
@@ -52,17 +53,20 @@ class ServeLoop:
         transport: ServerTransport,
         model: FlatModel | None = None,
         poll_timeout: float = 1.0,
+        on_warm_up: Callable[[int, int], None] | None = None,
     ):
         self.server = server
         self.transport = transport
         self.model = model if model is not None and model.buffers_numel else None
         self.poll_timeout = poll_timeout
+        self.on_warm_up = on_warm_up
         self.pending: list[int] = []  # workers owed a reply (sync: until the round ends)
 
     def serve_until_update(self) -> None:
         """Serve messages until one update has been applied."""
         while not self.serve_one():
-            pass
+            if self.on_warm_up is not None and not self.server.warm:
+                self.on_warm_up(len(self.server.round), self.server.collection_target())
 
     def serve_one(self) -> bool:
         """Handle one message (or one quiet poll); True when it led to an update."""

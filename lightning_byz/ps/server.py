@@ -174,9 +174,13 @@ class ParameterServer:
     def round_complete(self) -> bool:
         """The collection is complete: ``min_workers`` during the warm-up, then (sync) ``quorum``
         contributors per round; fewer when workers went silent."""
+        return len(self.round) >= self.collection_target()
+
+    def collection_target(self) -> int:
+        """How many contributors the current collection (warm-up or sync round) needs now."""
         self.active_workers()
         need = self.min_workers if not self.warm else self.quorum if self.mode == "sync" else 1
-        return len(self.round) >= min(need, self.num_workers - len(self.silent))
+        return min(need, self.num_workers - len(self.silent))
 
     def reject(self, worker, reason: str) -> None:
         """Count a rejected message (by reason and sender) and say so in the log (3 times a sender)."""
