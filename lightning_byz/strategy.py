@@ -16,8 +16,9 @@ Rank and device come from Lightning's cluster environment (:class:`MPIEnvironmen
 launched the ranks: mpirun, srun, mpiexec), except the node-local rank, which MPI's shared-memory
 split gives without Lightning's pickled hostname gather (a worker must not send pickles to rank 0).
 
-Checked against Lightning 2.4 – 2.6 (the pin in ``pyproject.toml``). Private attributes still used:
-none of Lightning's; of torch, ``optimizer.step`` is shadowed on the instance for the duration of
+Checked against Lightning 2.4.0 and 2.6.6 (the pin in ``pyproject.toml``: >=2.4,<2.7). Private
+names still used: Lightning's ``_StrategyRegistry``, only as the type in the signature Lightning
+gives ``register_strategies``; and ``optimizer.step``, shadowed on the instance for the duration of
 one ``Precision.optimizer_step`` call (see :meth:`AsyncPSStrategy.optimizer_step`).
 """
 
