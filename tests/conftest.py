@@ -48,3 +48,13 @@ def run_simulated(tmp_path):
         return read_results(out, 1)[0]
 
     return run
+
+
+def callbacks_from_yaml(text: str) -> list:
+    """The callbacks a YAML ``callbacks:`` list instantiates, as LightningCLI's parser would."""
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch.callbacks import Callback
+
+    parser = ArgumentParser()
+    parser.add_argument("--callbacks", type=list[Callback])
+    return parser.instantiate(parser.parse_string(text)).callbacks

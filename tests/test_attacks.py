@@ -8,6 +8,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from conftest import callbacks_from_yaml
 
 from lightning_byz import AsyncPSStrategy
 from lightning_byz.faults import ByzantineWorkers
@@ -231,12 +232,7 @@ def test_simulated_training_runs_under_each_new_attack(name):
 
 
 def test_new_options_are_configurable_from_yaml():
-    from jsonargparse import ArgumentParser
-    from lightning.pytorch.callbacks import Callback
-
-    parser = ArgumentParser()
-    parser.add_argument("--callbacks", type=list[Callback])
-    config = parser.parse_string(
+    min_sum, mimic = callbacks_from_yaml(
         """
         callbacks:
           - class_path: lightning_byz.faults.ByzantineWorkers
@@ -245,5 +241,4 @@ def test_new_options_are_configurable_from_yaml():
             init_args: {workers: [3], attack: mimic, target_worker: 4}
         """
     )
-    min_sum, mimic = parser.instantiate(config).callbacks
     assert (min_sum.perturbation, min_sum.scale, mimic.target_worker) == ("sign", 2.0, 4)

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import callbacks_from_yaml
 from scipy.integrate import solve_ivp
 from scipy.stats import norm
 
@@ -335,12 +336,7 @@ def test_worker_ids_checked_against_num_workers_at_setup():
 
 
 def test_faults_are_configurable_from_yaml():
-    from jsonargparse import ArgumentParser
-    from lightning.pytorch.callbacks import Callback
-
-    parser = ArgumentParser()
-    parser.add_argument("--callbacks", type=list[Callback])
-    config = parser.parse_string(
+    faults = callbacks_from_yaml(
         """
         callbacks:
           - class_path: lightning_byz.faults.ByzantineWorkers
@@ -355,7 +351,6 @@ def test_faults_are_configurable_from_yaml():
             init_args: {workers: [7], at_step: 50}
         """
     )
-    faults = parser.instantiate(config).callbacks
     assert [type(f).__name__ for f in faults] == [
         "ByzantineWorkers", "Straggler", "PacketLoss", "NonlinearAugmentation", "Crash"
     ]
