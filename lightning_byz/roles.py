@@ -22,6 +22,7 @@ import torch
 
 from lightning_byz.arrivals import ArrivalClock
 from lightning_byz.data.shards import ShardStream, Ticks, shard_loader
+from lightning_byz.evaluation import receive_checkpoint_paths, send_checkpoint_paths
 from lightning_byz.optim.split import OptimizerSplit
 from lightning_byz.ps import FlatModel, ParameterServer, Reply, ServeLoop, WorkerStep
 
@@ -53,13 +54,15 @@ class Role:
         pass
 
 
-def make_server(strategy: AsyncPSStrategy, params: torch.Tensor, split: OptimizerSplit, buffers_numel: int, clock):
+def make_server(strategy: AsyncPSStrategy, params: torch.Tensor, split: OptimizerSplit, flat: FlatModel,
+                buffers_numel: int, clock):
+    """The server over the point ``params`` (``flat.params`` itself under MPI, a copy when simulated)."""
     optimizer = strategy.optimizers[0]
     return ParameterServer(
         params,
         strategy.num_workers,
         strategy.aggregator,
-        split.make_server_rule([params]),
+        split.make_server_rule(params, flat.param_list, flat.params),
         lr=lambda: optimizer.param_groups[0]["lr"],
         mode=strategy.mode,
         quorum=strategy.sync_quorum,
@@ -122,7 +125,7 @@ class SimulatedRole(Role):
         self.flat = flat
         self.x = flat.params.detach().clone()  # the server's point; flat.params is the workers' scratch
         self.clock = ArrivalClock(strategy.arrival_q, strategy.sim_step_time, strategy.seed)
-        self.server = make_server(strategy, self.x, split, 0, clock=lambda: self.clock.now)
+        self.server = make_server(strategy, self.x, split, flat, 0, clock=lambda: self.clock.now)
         self.logging = ServerLogging(strategy, self.server)
         rules = [split.make_worker_rule() for _ in range(strategy.num_workers)]
         scratch = WorkerStep.scratch(flat, rules[0].needs_previous_gradient)
@@ -130,7 +133,8 @@ class SimulatedRole(Role):
             WorkerStep(i + 1, rule, flat, strategy.faults, scratch=scratch) for i, rule in enumerate(rules)
         ]
         self.transport = SimulatedTransport(self.workers, self.clock, self.x, strategy.faults, strategy.batch_to_device)
-        self.loop = ServeLoop(self.server, self.transport, on_warm_up=self.logging.warm_up)
+        self.loop = ServeLoop(self.server, self.transport, on_warm_up=self.logging.warm_up,
+                              hyper=split.worker_hyperparameters)
         self.stream_states: list[dict] = []  # restored before the streams exist
 
     def train_dataloader(self, dataloader: object) -> object:
@@ -192,13 +196,13 @@ class MPIServerRole(Role):
         self.strategy = strategy
         self.comm = mpi.world().Dup()
         pin = flat.device.type == "cuda"
-        b = flat.buffers_numel
-        self.server = make_server(strategy, flat.params, split, b, time.monotonic)
+        self.server = make_server(strategy, flat.params, split, flat, flat.buffers_numel, time.monotonic)
         self.transport = mpi.MPIServerTransport(
-            self.comm, flat.numel, b, flat.dtype, flat.device, pin, on_discard=self.server.reject
+            self.comm, flat.numel, flat.buffers_numel, flat.dtype, flat.device, pin, on_discard=self.server.reject
         )
         self.logging = ServerLogging(strategy, self.server)
-        self.loop = ServeLoop(self.server, self.transport, model=flat, on_warm_up=self.logging.warm_up)
+        self.loop = ServeLoop(self.server, self.transport, model=flat, on_warm_up=self.logging.warm_up,
+                              hyper=split.worker_hyperparameters)
         self.stopped = False
 
     def train_dataloader(self, dataloader: object) -> object:
@@ -230,6 +234,7 @@ class MPIServerRole(Role):
         self._log_worker_fault_metrics({w: faults.metrics_of(v.tolist()) for w, v in values.items()})
         mpi.barrier(self.comm, timeout=30.0, while_waiting=absorb)
         self.transport.close()
+        send_checkpoint_paths(self.strategy.lightning_module.trainer, mpi.world())
 
     def _log_worker_fault_metrics(self, gathered: dict[int, dict[str, float]]) -> None:
         """Worker-side fault counters (attacks, packet loss) live on the workers: log them as
@@ -282,6 +287,7 @@ class MPIWorkerRole(Role):
         self.transport = mpi.MPIWorkerTransport(self.comm, flat.numel, flat.buffers_numel, flat.dtype, pin)
         rank = self.comm.Get_rank()
         self.worker = WorkerStep(rank, split.make_worker_rule(), flat, strategy.faults, send_buffers=True)
+        self.hyper_count = len(split.worker_hyperparameters())  # how many values the rule takes
         self.stopped = False
 
     def train_dataloader(self, dataloader: object) -> object:
@@ -310,6 +316,7 @@ class MPIWorkerRole(Role):
 
     def _apply(self, reply: Reply) -> None:
         self.worker.version = reply.version
+        self.worker.rule.set_hyperparameters(reply.hyper[: self.hyper_count])
         self.flat.params.copy_(reply.params, non_blocking=True)
         if reply.stop:
             if reply.buffers is not None:  # the server's robust buffers come with the final point
@@ -325,3 +332,4 @@ class MPIWorkerRole(Role):
         request = mpi.send_metrics(self.comm, self.strategy.faults.counter_values())
         mpi.barrier(self.comm, timeout=30.0)
         request.Wait()
+        receive_checkpoint_paths(self.trainer, mpi.world())

@@ -1,10 +1,10 @@
 """``AsyncPSStrategy``: Lightning training over a robust parameter server instead of all-reduce.
 
 Rank 0 is the server: its training loop counts server updates (``max_steps``), its module holds the
-server's point, its validation/test loops and loggers are the run's. Ranks 1..N are workers: their
-loop computes gradients on their own shard, turns them into the vector they send (the worker half of
-the optimizer: plain, heavy-ball or STORM), exchanges it for fresh parameters and stops when the
-server says so. Without MPI, one process simulates N workers with the same server and worker code.
+server's point, its optimizer (the user's) steps on the aggregate, its validation/test loops and
+loggers are the run's. Ranks 1..N are workers: their loop computes gradients on their own shard,
+turns them into the vector they send (the worker half of the split: the gradient, the worker's
+momentum, or μ²-SGD's STORM), exchanges it for fresh parameters and stops when the server says so. Without MPI, one process simulates N workers with the same server and worker code.
 
 This module is the Lightning adapter: configuration, the role of this process
 (:mod:`lightning_byz.roles`), the closure hand-off, checkpoint state and the workers' endless loop.
@@ -34,7 +34,7 @@ import torch
 from lightning.fabric.plugins.environments import MPIEnvironment
 from lightning.fabric.strategies import _StrategyRegistry
 from lightning.pytorch.accelerators import CUDAAccelerator
-from lightning.pytorch.callbacks import Callback, Checkpoint
+from lightning.pytorch.callbacks import Callback, Checkpoint, EarlyStopping, Timer
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -43,9 +43,10 @@ from torch import Tensor
 
 from lightning_byz.aggregators import get_aggregator
 from lightning_byz.arrivals import arrival_probabilities
+from lightning_byz.evaluation import relay_evaluation, restore_on_worker
 from lightning_byz.faults.base import Fault, FaultSet
 from lightning_byz.launcher import device_for_rank
-from lightning_byz.optim import split_optimizer
+from lightning_byz.optim.split import check_worker_momentum, split_optimizer
 from lightning_byz.ps import FlatModel, ParameterServer
 from lightning_byz.roles import MPIServerRole, MPIWorkerRole, Role, SimulatedRole
 
@@ -78,6 +79,15 @@ class AsyncPSStrategy(SingleDeviceStrategy):
             (default: all); nobody is answered before it, so speed buys no weight at the start.
         max_staleness: reject (and count) updates computed more than this many versions ago.
         max_weight: cap on any worker's async weight s_i / Σ s_j, in (0, 1].
+        worker_momentum: β in (0, 1): each worker sends its momentum instead of its gradient (robust
+            rules separate honest from Byzantine better after averaging the noise); default None:
+            workers send gradients and any momentum runs in the user's optimizer on the server.
+        worker_momentum_kind: ``"ema"`` (m = β·m + (1 − β)·g) or ``"heavy_ball"`` (m = β·m + g).
+        double_momentum: allow ``worker_momentum`` with an optimizer that keeps momentum itself.
+
+    The optimizer: the server steps the user's own optimizer (any ``torch.optim`` one, its param
+    groups and schedulers) with the aggregate as the gradient; ``Mu2SGD`` splits into STORM on the
+    workers and AnyTime averaging on the server (:mod:`lightning_byz.optim.split`).
     """
 
     strategy_name = "async_ps"
@@ -97,6 +107,9 @@ class AsyncPSStrategy(SingleDeviceStrategy):
         min_workers: int | None = None,
         max_staleness: int | None = None,
         max_weight: float | None = None,
+        worker_momentum: float | None = None,
+        worker_momentum_kind: str = "ema",
+        double_momentum: bool = False,
         aggregator_kwargs: dict[str, Any] | None = None,
         **kwargs: Any,
     ):
@@ -153,6 +166,9 @@ class AsyncPSStrategy(SingleDeviceStrategy):
         self.arrival_q = arrival_probabilities(arrival, self.num_workers)
         self.min_workers, self.max_staleness, self.max_weight = min_workers, max_staleness, max_weight
         ParameterServer.check_options(self.num_workers, sync_quorum, min_workers, max_staleness, max_weight)
+        check_worker_momentum(worker_momentum, worker_momentum_kind)
+        self.worker_momentum, self.worker_momentum_kind = worker_momentum, worker_momentum_kind
+        self.double_momentum = bool(double_momentum)
         self.faults = FaultSet()
         self.worker_fault_metrics: dict[str, float] = {}  # MPI server: the workers' fault counters at the end
         self.server: ParameterServer | None = None  # the server's state, on the server (kept after fit)
@@ -181,6 +197,10 @@ class AsyncPSStrategy(SingleDeviceStrategy):
     def setup(self, trainer: pl.Trainer) -> None:
         super().setup(trainer)
         if trainer.state.fn != TrainerFn.FITTING:
+            if self.transport == "mpi":  # evaluation: once, on the server (lightning_byz.evaluation)
+                from lightning_byz.transport import mpi
+
+                relay_evaluation(trainer, self.is_server, mpi.world())
             return
         if len(self.optimizers) != 1:
             raise ValueError(f"AsyncPSStrategy trains with exactly one optimizer, got {len(self.optimizers)}")
@@ -196,7 +216,7 @@ class AsyncPSStrategy(SingleDeviceStrategy):
             )
         self.faults = FaultSet(cb for cb in trainer.callbacks if isinstance(cb, Fault))
         self.faults.setup(self.num_workers, self.seed)
-        split = split_optimizer(self.optimizers[0])
+        split = split_optimizer(self.optimizers[0], self.worker_momentum, self.worker_momentum_kind, self.double_momentum)
         flat = FlatModel(self.lightning_module)
         if self.transport == "simulated":
             self._role = SimulatedRole(self, split, flat)
@@ -205,6 +225,7 @@ class AsyncPSStrategy(SingleDeviceStrategy):
         else:
             self._role = MPIWorkerRole(self, trainer, split, flat)
             _make_worker_loop(trainer)
+            self.lr_scheduler_configs = []  # schedules act on the server's optimizer; a worker's never steps
         if self.is_server:
             self.server = self._role.server
             trainer.callbacks.append(_ServerState(self))
@@ -213,6 +234,14 @@ class AsyncPSStrategy(SingleDeviceStrategy):
     @property
     def restore_checkpoint_after_setup(self) -> bool:
         return True  # the server's state only exists after setup
+
+    def load_checkpoint(self, checkpoint_path, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        trainer = self.lightning_module.trainer
+        if self.transport == "mpi" and not self.is_server and trainer.state.fn != TrainerFn.FITTING:
+            stand_in = restore_on_worker(checkpoint_path, self.lightning_module)
+            if stand_in is not None:
+                return stand_in
+        return super().load_checkpoint(checkpoint_path, *args, **kwargs)
 
     def process_dataloader(self, dataloader: object) -> object:
         trainer = self.lightning_module.trainer
@@ -260,12 +289,17 @@ class AsyncPSStrategy(SingleDeviceStrategy):
 
 @contextmanager
 def _stepping_with(optimizer: torch.optim.Optimizer, step: Callable[[Callable[[], Any]], Any]) -> Iterator[None]:
-    """Within the block, ``optimizer.step(closure=...)`` runs ``step(closure)`` instead."""
+    """Within the block, ``optimizer.step(closure=...)`` runs ``step(closure)`` instead; afterwards
+    ``optimizer.step`` is what it was (a scheduler's wrapper, when a scheduler installed one)."""
+    previous = optimizer.__dict__.get("step")
     optimizer.step = lambda closure=None, **_: step(closure)
     try:
         yield
     finally:
-        del optimizer.step
+        if previous is None:
+            del optimizer.step
+        else:
+            optimizer.step = previous
 
 
 def _abort_job_on_uncaught_exception(rank: int) -> None:
@@ -305,12 +339,14 @@ def _node_local_rank() -> int:
 
 
 def _make_worker_loop(trainer: pl.Trainer) -> None:
-    """A worker trains until the server says stop, and neither validates nor checkpoints."""
+    """A worker trains until the server says stop: it neither validates nor checkpoints, and the
+    callbacks that end training (early stopping, ``max_time``) decide on the server only."""
     trainer.fit_loop.max_epochs = -1
     trainer.fit_loop.epoch_loop.max_steps = -1
     trainer.limit_val_batches = 0
     trainer.num_sanity_val_steps = 0
-    trainer.callbacks[:] = [cb for cb in trainer.callbacks if not isinstance(cb, Checkpoint)]
+    server_only = (Checkpoint, EarlyStopping, Timer)
+    trainer.callbacks[:] = [cb for cb in trainer.callbacks if not isinstance(cb, server_only)]
 
 
 class _ServerState(Callback):

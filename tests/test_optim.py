@@ -15,8 +15,8 @@ from lightning_byz.optim import (
     AnyTimeServer,
     HeavyBall,
     Mu2SGD,
+    OptimizerServer,
     SendGradient,
-    SGDServer,
     Storm,
     split_optimizer,
 )
@@ -160,61 +160,156 @@ def test_worker_and_server_halves_reproduce_mu2sgd(schedule):
         opt.step(make_closure(net, opt, batch))
         expected.append(flat(net))
     split = split_optimizer(opt)
-    per_param = run_split(make_net(), batches, split.make_worker_rule(), split.make_server_rule, lr, as_flat=False)
-    flat_vec = run_split(make_net(), batches, split.make_worker_rule(), split.make_server_rule, lr, as_flat=True)
+    per_param = run_split(make_net(), batches, split.make_worker_rule(),
+                          lambda x: AnyTimeServer(x, gamma, schedule), lr, as_flat=False)
+    flat_vec = run_split(make_net(), batches, split.make_worker_rule(),
+                         lambda x: split.make_server_rule(x[0], [], x[0]), lr, as_flat=True)
     for e, a, b in zip(expected, per_param, flat_vec):
         assert torch.equal(e, a)  # the same kernels on the same tensors: bit-identical
         torch.testing.assert_close(b, e, rtol=1e-13, atol=1e-14)
 
 
-@pytest.mark.parametrize("sgd_kw", [
-    dict(),
-    dict(weight_decay=0.1),
-    dict(momentum=0.9),
-    dict(momentum=0.8, dampening=0.3, weight_decay=0.05),
-    dict(momentum=0.9, nesterov=True, weight_decay=0.01),
-])
-def test_split_sgd_agrees_with_torch_sgd(sgd_kw):
-    lr, batches = 0.1, make_batches(6, dtype=torch.float32)
+OPTIMIZERS = {
+    "sgd": lambda ps: torch.optim.SGD(ps, lr=0.1),
+    "sgd_momentum_wd": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.8, dampening=0.3, weight_decay=0.05),
+    "sgd_nesterov_maximize": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True, maximize=True),
+    "adam": lambda ps: torch.optim.Adam(ps, lr=0.01),
+    "adamw_amsgrad": lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1, amsgrad=True),
+    "rmsprop": lambda ps: torch.optim.RMSprop(ps, lr=0.01, momentum=0.5, centered=True),
+    "adagrad": lambda ps: torch.optim.Adagrad(ps, lr=0.1),
+    "adamax": lambda ps: torch.optim.Adamax(ps, lr=0.01),
+    "nadam": lambda ps: torch.optim.NAdam(ps, lr=0.01),
+}
+
+
+def groups(net: nn.Module) -> list[dict]:
+    """No weight decay and a smaller lr on the second layer: groups with their own hyper-parameters."""
+    return [{"params": net[0].parameters()}, {"params": net[2].parameters(), "lr": 0.003, "weight_decay": 0.0}]
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("grouped", [False, True])
+def test_server_steps_the_users_optimizer_as_torch_does(name, grouped):
+    """One worker sending gradients + the server stepping the user's optimizer on the flat vector
+    = that optimizer on the plain module, bit for bit, param groups and all."""
+    from lightning_byz.ps import FlatModel
+
+    make = OPTIMIZERS[name]
+    batches = make_batches(6, dtype=torch.float32)
     net = make_net(dtype=torch.float32)
-    opt = torch.optim.SGD(net.parameters(), lr=lr, foreach=True, **sgd_kw)
-    split = split_optimizer(opt)
-    worker, params = split.make_worker_rule(), [p.detach().clone() for p in net.parameters()]
-    server = split.make_server_rule(params)
-    assert isinstance(worker, HeavyBall if sgd_kw.get("momentum") else SendGradient)
-    assert isinstance(server, SGDServer)
+    opt = make(groups(net) if grouped else net.parameters())
+    twin = make_net(dtype=torch.float32)
+    twin_opt = make(groups(twin) if grouped else twin.parameters())
+    model = FlatModel(twin)
+    split = split_optimizer(twin_opt)
+    worker, server = split.make_worker_rule(), split.make_server_rule(model.params, model.param_list, model.params)
+    assert isinstance(worker, SendGradient) and isinstance(server, OptimizerServer)
     for batch in batches:
-        for p, q in zip(net.parameters(), params):
-            assert torch.equal(p, q)
         make_closure(net, opt, batch)()
-        grads = [p.grad.clone() for p in net.parameters()]
         opt.step()
-        server.step(params, worker.direction(grads, None, params), lr)
-    for p, q in zip(net.parameters(), params):
+        make_closure(twin, twin_opt, batch)()
+        g = model.gather_grads()
+        twin_opt.zero_grad()
+        server.step([model.params], worker.direction([g], None), 0.0)
+        assert all(p.grad is None for p in twin.parameters())
+    for p, q in zip(net.parameters(), twin.parameters()):
         assert torch.equal(p, q)
+    assert model.params.data_ptr() == next(twin.parameters()).data_ptr()  # stepped in place, views kept
 
 
-def test_split_mu2sgd_maps_to_storm_and_anytime():
+def test_server_point_apart_from_the_module_is_copied_in_and_out():
+    from lightning_byz.ps import FlatModel
+
+    net = make_net(dtype=torch.float32)
+    model = FlatModel(net)
+    opt = torch.optim.Adam(net.parameters(), lr=0.1)
+    server = split_optimizer(opt).make_server_rule(None, model.param_list, model.params)
+    x = torch.randn_like(model.params)
+    d = torch.ones_like(x)
+    expected = x - 0.1  # Adam's first step moves every coordinate by lr against the gradient's sign
+    server.step([x], [d], 0.1)
+    torch.testing.assert_close(x, expected)
+    torch.testing.assert_close(model.params, expected)
+
+
+def test_scheduler_sees_every_server_step():
+    """A scheduler wraps ``optimizer.step``; the server steps through that wrapper (no warning that
+    the scheduler stepped before the optimizer, and the lr follows the schedule)."""
+    import warnings
+
+    from lightning_byz.ps import FlatModel
+    from lightning_byz.strategy import _stepping_with
+
+    net = make_net(dtype=torch.float32)
+    model = FlatModel(net)
+    opt = torch.optim.SGD(net.parameters(), lr=1.0)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    server = split_optimizer(opt).make_server_rule(model.params, model.param_list, model.params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            with _stepping_with(opt, lambda closure: server.step([model.params], [torch.ones_like(model.params)], 0)):
+                opt.step()
+            sched.step()
+    assert opt.param_groups[0]["lr"] == 0.125
+    assert hasattr(opt.step, "_wrapped_by_lr_sched")  # the scheduler's wrapper is back after each step
+
+
+@pytest.mark.parametrize("kind, dampening", [("ema", 0.9), ("heavy_ball", 0.0)])
+def test_worker_momentum_is_ema_or_heavy_ball(kind, dampening):
     net = make_net()
-    split = split_optimizer(Mu2SGD(net.parameters(), lr=0.1, beta=0.5, gamma=0.3, schedule="theory"))
-    worker, server = split.make_worker_rule(), split.make_server_rule(list(net.parameters()))
+    split = split_optimizer(torch.optim.SGD(net.parameters(), lr=0.1), worker_momentum=0.9, worker_momentum_kind=kind)
+    rule = split.make_worker_rule()
+    gen = torch.Generator().manual_seed(0)
+    m = None
+    for _ in range(4):
+        g = torch.randn(6, generator=gen, dtype=torch.float64)
+        m = g.clone() if m is None else 0.9 * m + (1 - dampening) * g
+        torch.testing.assert_close(rule.direction([g], None)[0], m, rtol=1e-14, atol=1e-15)
+
+
+def test_split_refuses_momentum_twice_unless_asked_and_mu2sgd_misuse():
+    net = make_net()
+    for opt, own in [(torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9), "momentum=0.9"),
+                     (torch.optim.AdamW(net.parameters()), r"betas\[0\]=0.9"),
+                     (torch.optim.RMSprop(net.parameters(), momentum=0.5), "momentum=0.5")]:
+        with pytest.raises(ValueError, match=f"momentum on both sides.*{own}.*double_momentum=True"):
+            split_optimizer(opt, worker_momentum=0.9)
+        assert isinstance(split_optimizer(opt, worker_momentum=0.9, double_momentum=True).make_worker_rule(), HeavyBall)
+    adam_no_beta1 = torch.optim.Adam(net.parameters(), betas=(0.0, 0.999))
+    assert isinstance(split_optimizer(adam_no_beta1, worker_momentum=0.9).make_worker_rule(), HeavyBall)
+    for bad in (0.0, 1.0, -0.5, float("nan"), "0.9"):
+        with pytest.raises(ValueError, match="worker_momentum must lie in"):
+            split_optimizer(torch.optim.SGD(net.parameters(), lr=0.1), worker_momentum=bad)
+    with pytest.raises(ValueError, match="worker_momentum_kind"):
+        split_optimizer(torch.optim.SGD(net.parameters(), lr=0.1), worker_momentum=0.9, worker_momentum_kind="adam")
+    with pytest.raises(ValueError, match="Mu2SGD already runs STORM"):
+        split_optimizer(Mu2SGD(net.parameters(), lr=0.1), worker_momentum=0.9)
+    mixed = [{"params": net[0].parameters(), "lr": 0.1}, {"params": net[2].parameters(), "lr": 0.01}]
+    with pytest.raises(ValueError, match="differ in lr: 0.1 vs 0.01.*one flat vector"):
+        split_optimizer(Mu2SGD(mixed, lr=0.1))
+    same = [{"params": net[0].parameters()}, {"params": net[2].parameters()}]
+    assert isinstance(split_optimizer(Mu2SGD(same, lr=0.1)).make_worker_rule(), Storm)
+
+
+def test_split_mu2sgd_maps_to_storm_and_anytime_with_live_hyperparameters():
+    net = make_net()
+    opt = Mu2SGD(net.parameters(), lr=0.1, beta=0.5, gamma=0.3, schedule="theory", weight_decay=0.01)
+    split = split_optimizer(opt)
+    x = flat(net)
+    worker, server = split.make_worker_rule(), split.make_server_rule(x, [], x)
     assert isinstance(worker, Storm) and worker.needs_previous_gradient
     assert (worker.beta, worker.schedule) == (0.5, "theory")
     assert isinstance(server, AnyTimeServer) and (server.gamma, server.schedule) == (0.3, "theory")
     assert split.make_worker_rule() is not worker  # fresh state per worker
-
-
-def test_split_rejects_unsupported_optimizers_and_mixed_groups():
-    net = make_net()
-    with pytest.raises(ValueError, match="Adam.*supported: torch.optim.SGD.*Mu2SGD"):
-        split_optimizer(torch.optim.Adam(net.parameters()))
-    groups = [{"params": net[0].parameters(), "lr": 0.1}, {"params": net[2].parameters(), "lr": 0.01}]
-    with pytest.raises(ValueError, match="differ in lr: 0.1 vs 0.01.*one flat vector"):
-        split_optimizer(torch.optim.SGD(groups, lr=0.1))
-    with pytest.raises(ValueError, match="maximize"):
-        split_optimizer(torch.optim.SGD(net.parameters(), lr=0.1, maximize=True))
-    same = [{"params": net[0].parameters()}, {"params": net[2].parameters()}]
-    assert isinstance(split_optimizer(Mu2SGD(same, lr=0.1)).make_worker_rule(), Storm)
+    assert split.worker_hyperparameters() == (0.5, 0.01)
+    opt.param_groups[0].update(beta=0.2, gamma=0.7, weight_decay=0.0)  # what a scheduler may do
+    worker.set_hyperparameters(split.worker_hyperparameters())
+    assert (worker.beta, worker.weight_decay) == (0.2, 0.0)
+    server.step([x], [torch.zeros_like(x)], 0.1)
+    assert server.gamma == 0.7
+    with pytest.raises(ValueError, match="beta"):
+        worker.set_hyperparameters((1.5, 0.0))
 
 
 @pytest.mark.parametrize("kw, match", [

@@ -15,7 +15,7 @@ from torch.nn import functional as F
 
 from lightning_byz.models.nets import build_net
 
-OPTIMIZERS = ("sgd", "momentum", "mu2sgd")
+OPTIMIZERS = ("sgd", "momentum", "adamw", "mu2sgd")
 
 
 def parse_lr_schedule(spec: str | None) -> tuple[str, tuple[float, ...]] | None:
@@ -38,15 +38,17 @@ def parse_lr_schedule(spec: str | None) -> tuple[str, tuple[float, ...]] | None:
 class ImageClassifier(L.LightningModule):
     """Classify images with ``net`` (``mnist_cnn`` | ``resnet18`` | ``mlp``; ``net_kwargs`` go to it).
 
-    ``optimizer``: ``sgd`` (plain), ``momentum`` (heavy ball, ``momentum``) or ``mu2sgd``
-    (``lightning_byz.optim.Mu2SGD`` with STORM ``beta`` and AnyTime ``gamma``).
+    ``optimizer``: ``sgd`` (plain), ``momentum`` (SGD with ``momentum``), ``adamw`` (AdamW with
+    ``weight_decay``) or ``mu2sgd`` (``lightning_byz.optim.Mu2SGD`` with STORM ``beta`` and AnyTime
+    ``gamma``). Under ``AsyncPSStrategy`` the server steps the first three on the aggregate (momentum
+    after aggregation; the strategy's ``worker_momentum`` moves it before); μ²-SGD is split.
     """
 
     def __init__(
         self,
         net: str = "mnist_cnn",
         num_classes: int = 10,
-        optimizer: Literal["sgd", "momentum", "mu2sgd"] = "sgd",
+        optimizer: Literal["sgd", "momentum", "adamw", "mu2sgd"] = "sgd",
         lr: float = 0.01,
         momentum: float = 0.9,
         beta: float = 0.25,
@@ -95,6 +97,8 @@ class ImageClassifier(L.LightningModule):
             from lightning_byz.optim import Mu2SGD
 
             opt = Mu2SGD(self.parameters(), lr=hp.lr, beta=hp.beta, gamma=hp.gamma, weight_decay=hp.weight_decay)
+        elif hp.optimizer == "adamw":
+            opt = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
         else:
             momentum = hp.momentum if hp.optimizer == "momentum" else 0.0
             opt = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=momentum, weight_decay=hp.weight_decay)

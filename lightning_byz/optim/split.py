@@ -1,10 +1,28 @@
 """An optimizer split into a worker half (what a worker sends) and a server half (how it is applied).
 
 The parameter server aggregates the workers' vectors d_t and hands the aggregate to the server half;
-each worker keeps its own worker half (its own momentum state). Worker rules: ``none`` (send the
-gradient), ``momentum`` (heavy-ball, ``torch.optim.SGD`` semantics incl. dampening and Nesterov) and
-``storm`` (μ²-SGD's STORM); server rules: ``sgd`` (x <- x − lr·d) and ``anytime`` (μ²-SGD's AnyTime
-averaging). Formulas: :mod:`lightning_byz.optim.rules`.
+each worker keeps its own worker half (its own momentum state).
+
+**Any optimizer** (the DDP analogue, the default): workers send their gradient (``none``), the
+server sets the aggregate as the gradient of its parameters and steps the user's own optimizer
+(:class:`OptimizerServer`): SGD with momentum, Adam, AdamW, RMSprop, ..., param groups with their
+own hyper-parameters, ``maximize``; schedulers act on it as under any strategy. Momentum then runs
+on the server, after aggregation (what the Flag Aggregator paper does).
+
+**Worker momentum** (``worker_momentum=β``): each worker sends its momentum instead of the raw
+gradient and the server steps the user's optimizer on the aggregated momenta. Momentum *before*
+aggregation averages out the honest noise, so robust rules tell honest from Byzantine better
+(Karimireddy, He & Jaggi, ICML 2021; the Weight for Robustness experiments). ``"ema"``:
+m_1 = g_1, m_t = β·m_{t−1} + (1 − β)·g_t (a step of size lr); ``"heavy_ball"``:
+m_t = β·m_{t−1} + g_t (``torch.optim.SGD``'s buffer; a step of size lr/(1 − β) in the long run).
+An optimizer that also keeps momentum (SGD ``momentum``, RMSprop ``momentum``, Adam-family
+``betas[0]``) would average twice: an error unless ``double_momentum=True``.
+
+**μ²-SGD** keeps its own split: STORM on the workers (``storm``), AnyTime averaging on the server
+(``anytime``), one set of hyper-parameters for the flat vector. Its worker-side hyper-parameters
+(β, weight decay) are read on the server at each reply and travel with it
+(:meth:`OptimizerSplit.worker_hyperparameters`), so a scheduler that changes them reaches every
+worker; γ and lr are read on the server at each step. Formulas: :mod:`lightning_byz.optim.rules`.
 
 Counting of the "theory" schedule: β_t = 1/t uses the worker rule's own step count (one per
 ``direction`` call of that worker), α_t = t uses the server rule's count (one per ``step``, i.e. per
@@ -14,6 +32,7 @@ applied aggregate). With one worker and no delay both equal the standalone optim
 from __future__ import annotations
 
 from dataclasses import dataclass
+import math
 from typing import Any, Callable
 
 import torch
@@ -61,6 +80,10 @@ class WorkerRule:
 
     def _update(self, buffer, grads, prev_grads, params, prev_params) -> list[Tensor]:
         raise NotImplementedError
+
+    def set_hyperparameters(self, values: tuple[float, ...]) -> None:
+        """The server's current values of this rule's scheduled hyper-parameters (see
+        :meth:`OptimizerSplit.worker_hyperparameters`); rules with none ignore them."""
 
     def state_dict(self) -> dict[str, Any]:
         return {"t": self.t, "buffer": self.buffer}
@@ -126,6 +149,13 @@ class Storm(WorkerRule):
         rules.check_schedule(schedule)
         self.beta, self.schedule = beta, schedule
 
+    def set_hyperparameters(self, values: tuple[float, ...]) -> None:
+        """(β, weight decay) as the server's optimizer holds them now."""
+        beta, weight_decay = values
+        rules.check_unit_interval("beta", beta)
+        rules.check_weight_decay(weight_decay)
+        self.beta, self.weight_decay = beta, weight_decay
+
     def _update(self, buffer, grads, prev_grads, params, prev_params):
         beta_t = rules.storm_beta(self.schedule, self.beta, self.t)
         return rules.storm_direction(buffer, grads, prev_grads, params, prev_params, beta_t, self.weight_decay)
@@ -135,11 +165,13 @@ class ServerRule:
     """Applies an (aggregated) direction to the server's query point x."""
 
     def step(self, params: list[Tensor], direction: list[Tensor], lr: float) -> None:
-        """Update ``params`` (x) in place; ``lr`` is read per call (schedulers change it)."""
+        """Update ``params`` (x) in place; ``lr`` is read per call (schedulers change it). The rule
+        may modify ``direction``."""
         raise NotImplementedError
 
     def step_scale(self, lr: float) -> float:
-        """The largest factor the next :meth:`step` multiplies the direction by (overflow guard)."""
+        """A bound on how much the next :meth:`step` amplifies the direction: the server skips an
+        aggregate d with max|d|·scale ≥ finfo.max/4 (overflow guard)."""
         return lr
 
     def state_dict(self) -> dict[str, Any]:
@@ -150,24 +182,72 @@ class ServerRule:
 
 
 class SGDServer(ServerRule):
-    """``sgd``: x <- x − lr·d."""
+    """``sgd``: x <- x − lr·d (the minimal rule; tests and benchmarks of the server use it)."""
 
     def step(self, params: list[Tensor], direction: list[Tensor], lr: float) -> None:
         rules.sgd_step_(params, direction, lr)
+
+
+class OptimizerServer(ServerRule):
+    """The user's own optimizer steps the server's point, the aggregate as its gradient.
+
+    ``home`` is the flat vector the optimizer's parameters (``param_list``, in order) are views of
+    (:class:`~lightning_byz.ps.FlatModel`): the aggregate's slices become their ``.grad`` without a
+    copy, and ``step`` runs the optimizer's own ``step`` (captured at construction, so a scheduler's
+    step counter and the optimizer's hooks see every update). When the server's point is another
+    vector (the simulation keeps it apart from the module) it is copied in and out.
+
+    The optimizer's state travels in Lightning's checkpoints (``optimizer_states``), as under any
+    strategy, so this rule has none of its own.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, param_list: list[Tensor], home: Tensor) -> None:
+        self.optimizer = optimizer
+        self.param_list = param_list
+        self.numels = [p.numel() for p in param_list]
+        self.home = home
+        self._step = optimizer.step
+        finfo = torch.finfo(home.dtype)
+        self._square_scale = 4 * math.sqrt(finfo.max)
+
+    def step(self, params: list[Tensor], direction: list[Tensor], lr: float) -> None:
+        (x,), (d,) = params, direction
+        if x is not self.home:
+            self.home.copy_(x)
+        for p, g in zip(self.param_list, d.split(self.numels)):
+            p.grad = g.view_as(p)
+        try:
+            self._step()
+        finally:
+            for p in self.param_list:
+                p.grad = None
+        if x is not self.home:
+            x.copy_(self.home)
+
+    def step_scale(self, lr: float) -> float:
+        """Squares of the aggregate (Adam's second moment) must stay finite, and the largest lr
+        times a momentum amplification of up to 1e3 must not overflow the step."""
+        largest_lr = max(float(g["lr"]) for g in self.optimizer.param_groups)
+        return max(self._square_scale, 1e3 * largest_lr)
 
 
 class AnyTimeServer(ServerRule):
     """``anytime``: μ²-SGD's server half. Keeps the anchor w (w_1 = x_1 = ``params`` at construction):
     w <- w − lr·α_t·d, x <- (1 − mix_t)·x + mix_t·w."""
 
-    def __init__(self, params: list[Tensor], gamma: float = 0.1, schedule: str = "fixed") -> None:
+    def __init__(self, params: list[Tensor], gamma: float = 0.1, schedule: str = "fixed",
+                 group: dict | None = None) -> None:
         rules.check_unit_interval("gamma", gamma)
         rules.check_schedule(schedule)
         self.gamma, self.schedule = gamma, schedule
+        self.group = group  # an optimizer's param group: γ is read from it at every step (schedulers)
         self.t = 0  # updates applied
         self.w = rules.clone_all(params)
 
     def step(self, params: list[Tensor], direction: list[Tensor], lr: float) -> None:
+        if self.group is not None and self.group["gamma"] != self.gamma:
+            rules.check_unit_interval("gamma", self.group["gamma"])
+            self.gamma = self.group["gamma"]
         self.t += 1
         alpha_t, mix = rules.anytime_weights(self.schedule, self.gamma, self.t)
         rules.anytime_step_(params, self.w, direction, lr, alpha_t, mix)
@@ -189,14 +269,19 @@ class OptimizerSplit:
     """The two halves of a user's optimizer, as factories."""
 
     make_worker_rule: Callable[[], WorkerRule]  # a fresh worker rule (fresh state) per call
-    make_server_rule: Callable[[list[Tensor]], ServerRule]  # built on the server's params (w_1 = x_1)
+    #: the server half, built on the server's point x and the module's parameters, which are views
+    #: of the flat vector ``home`` (``make_server_rule(x, param_list, home)``)
+    make_server_rule: Callable[[Tensor, list[Tensor], Tensor], ServerRule]
+    #: the worker rule's scheduled hyper-parameters as the server's optimizer holds them now (at most
+    #: two floats; they travel with every reply to :meth:`WorkerRule.set_hyperparameters`)
+    worker_hyperparameters: Callable[[], tuple[float, ...]] = tuple
 
 
-SUPPORTED = "torch.optim.SGD (any momentum, dampening, nesterov, weight_decay; maximize=False) and lightning_byz.optim.Mu2SGD"
+WORKER_MOMENTUM_KINDS = ("ema", "heavy_ball")
 
 
 def _shared_hyperparameters(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The hyper-parameters of the param groups, which must all agree (one flat vector, one lr)."""
+    """The hyper-parameters of the param groups, which must all agree (μ²-SGD: one flat vector)."""
     first, *rest = optimizer.param_groups
     hyper = {k: v for k, v in first.items() if k != "params"}
     for i, group in enumerate(rest, start=1):
@@ -205,29 +290,71 @@ def _shared_hyperparameters(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         if differing:
             detail = ", ".join(f"{k}: {hyper.get(k)!r} vs {other.get(k)!r}" for k in differing)
             raise ValueError(
-                f"param group 0 and param group {i} of {type(optimizer).__name__} differ in {detail}; the parameter "
-                "server updates one flat vector with one set of hyper-parameters, so all groups must share them"
+                f"param group 0 and param group {i} of {type(optimizer).__name__} differ in {detail}; μ²-SGD's "
+                "split updates one flat vector with one set of hyper-parameters, so all groups must share them"
             )
     return hyper
 
 
-def split_optimizer(optimizer: torch.optim.Optimizer) -> OptimizerSplit:
-    """Map ``torch.optim.SGD`` (momentum 0 -> none + sgd, momentum > 0 -> momentum + sgd) and
-    :class:`Mu2SGD` (-> storm + anytime with its schedule) to their worker and server halves.
-    Raises ``ValueError`` for other optimizers and for param groups with differing hyper-parameters."""
-    if type(optimizer) is Mu2SGD:
+def optimizer_momentum(optimizer: torch.optim.Optimizer) -> str | None:
+    """A description of the momentum the optimizer keeps itself (None when it keeps none)."""
+    for group in optimizer.param_groups:
+        if group.get("momentum", 0):
+            return f"momentum={group['momentum']}"
+        betas = group.get("betas")
+        if betas and betas[0]:
+            return f"betas[0]={betas[0]}"
+    return None
+
+
+def check_worker_momentum(worker_momentum: float | None, kind: str) -> None:
+    if worker_momentum is not None and not (isinstance(worker_momentum, (int, float)) and 0 < worker_momentum < 1):
+        raise ValueError(f"worker_momentum must lie in (0, 1) (or be None: workers send gradients), got {worker_momentum!r}")
+    if kind not in WORKER_MOMENTUM_KINDS:
+        raise ValueError(f"worker_momentum_kind must be one of {WORKER_MOMENTUM_KINDS}, got {kind!r}")
+
+
+def split_optimizer(
+    optimizer: torch.optim.Optimizer,
+    worker_momentum: float | None = None,
+    worker_momentum_kind: str = "ema",
+    double_momentum: bool = False,
+) -> OptimizerSplit:
+    """The worker and server halves of ``optimizer``.
+
+    :class:`Mu2SGD` -> STORM on the workers + AnyTime on the server. Any other ``torch.optim``
+    optimizer -> the workers send gradients (or their ``worker_momentum``, ``"ema"`` or
+    ``"heavy_ball"``) and the server steps ``optimizer`` itself. ``ValueError`` for momentum on both
+    sides without ``double_momentum``, and for μ²-SGD with worker momentum or differing groups.
+    """
+    check_worker_momentum(worker_momentum, worker_momentum_kind)
+    if isinstance(optimizer, torch.optim.LBFGS):
+        raise ValueError("LBFGS evaluates the loss again inside its step; the parameter server steps on one "
+                         "aggregated gradient per update, so it cannot run LBFGS (any first-order optimizer can)")
+    if isinstance(optimizer, Mu2SGD):
+        if worker_momentum is not None:
+            raise ValueError("Mu2SGD already runs STORM momentum on the workers; leave worker_momentum unset")
         h = _shared_hyperparameters(optimizer)
+        group = optimizer.param_groups[0]
         return OptimizerSplit(
             make_worker_rule=lambda: Storm(h["beta"], h["schedule"], h["weight_decay"]),
-            make_server_rule=lambda params: AnyTimeServer(params, h["gamma"], h["schedule"]),
+            make_server_rule=lambda x, param_list, home: AnyTimeServer([x], h["gamma"], h["schedule"], group),
+            worker_hyperparameters=lambda: (float(group["beta"]), float(group["weight_decay"])),
         )
-    if type(optimizer) is torch.optim.SGD:
-        h = _shared_hyperparameters(optimizer)
-        if h.get("maximize", False):
-            raise ValueError("torch.optim.SGD with maximize=True cannot be split; negate the loss instead")
-        if h["momentum"] == 0:
-            make_worker = lambda: SendGradient(h["weight_decay"])  # noqa: E731
-        else:
-            make_worker = lambda: HeavyBall(h["momentum"], h["dampening"], h["nesterov"], h["weight_decay"])  # noqa: E731
-        return OptimizerSplit(make_worker_rule=make_worker, make_server_rule=lambda params: SGDServer())
-    raise ValueError(f"cannot split optimizer {type(optimizer).__name__}; supported: {SUPPORTED}")
+    if worker_momentum is None:
+        make_worker: Callable[[], WorkerRule] = SendGradient
+    else:
+        own = optimizer_momentum(optimizer)
+        if own is not None and not double_momentum:
+            raise ValueError(
+                f"momentum on both sides: worker_momentum={worker_momentum} on the workers and "
+                f"{type(optimizer).__name__}({own}) on the server; set the optimizer's momentum to 0 (for "
+                "Adam-family optimizers betas=(0, beta2)) to keep momentum on the workers only, leave "
+                "worker_momentum unset to keep it on the server only, or pass double_momentum=True"
+            )
+        dampening = worker_momentum if worker_momentum_kind == "ema" else 0.0
+        make_worker = lambda: HeavyBall(worker_momentum, dampening)  # noqa: E731
+    return OptimizerSplit(
+        make_worker_rule=make_worker,
+        make_server_rule=lambda x, param_list, home: OptimizerServer(optimizer, param_list, home),
+    )

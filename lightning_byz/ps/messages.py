@@ -39,9 +39,11 @@ class Rejection:
 
 @dataclass
 class Reply:
-    """The server's answer: the parameters (and buffers) at ``version``; ``stop`` ends training."""
+    """The server's answer: the parameters (and buffers) at ``version``; ``stop`` ends training;
+    ``hyper``: the worker rule's scheduled hyper-parameters now (at most two floats, e.g. STORM's β)."""
 
     version: int
     params: Tensor
     buffers: Tensor | None = None
     stop: bool = False
+    hyper: tuple[float, ...] = ()

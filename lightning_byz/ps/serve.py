@@ -45,6 +45,7 @@ class ServeLoop:
     ``model`` (optional) is the server's module: aggregated buffers (BatchNorm statistics) are loaded
     into it after each update and its buffers travel with every reply. ``on_warm_up(heard, needed)``
     (optional) hears how the warm-up goes, after every message and quiet poll until the first update.
+    ``hyper()`` (optional) gives the worker rule's scheduled hyper-parameters, sent with every reply.
     """
 
     def __init__(
@@ -54,12 +55,14 @@ class ServeLoop:
         model: FlatModel | None = None,
         poll_timeout: float = 1.0,
         on_warm_up: Callable[[int, int], None] | None = None,
+        hyper: Callable[[], tuple[float, ...]] = tuple,
     ):
         self.server = server
         self.transport = transport
         self.model = model if model is not None and model.buffers_numel else None
         self.poll_timeout = poll_timeout
         self.on_warm_up = on_warm_up
+        self.hyper = hyper
         self.pending: list[int] = []  # workers owed a reply (sync: until the round ends)
 
     def serve_until_update(self) -> None:
@@ -101,7 +104,7 @@ class ServeLoop:
         """Send the current parameters (and buffers) to ``workers``; they are no longer owed a reply."""
         workers = list(workers)
         buffers = self.model.gather_buffers() if self.model is not None else None
-        reply = Reply(self.server.version, self.server.params, buffers, stop)
+        reply = Reply(self.server.version, self.server.params, buffers, stop, self.hyper())
         for w in workers:
             self.transport.reply(w, reply)
         self.pending = [w for w in self.pending if w not in workers]

@@ -259,6 +259,8 @@ class ParameterServer:
         except ValueError as exc:  # e.g. fewer rows than the rule needs (krum: n > 2f + 2)
             self._skip(f"the rule refused the rows: {exc}", workers)
             return workers
+        if direction.untyped_storage().data_ptr() == self.latest.untyped_storage().data_ptr():
+            direction = direction.clone()  # the server rule may modify it; the stored rows must stay
         lr = self.lr()
         lo, hi = torch.aminmax(direction)  # one pass, no temporary; NaN propagates
         largest = float(torch.maximum(-lo, hi)) * self.server_rule.step_scale(lr)

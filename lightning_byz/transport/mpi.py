@@ -2,7 +2,8 @@
 
 Wire format (one message each way, raw bytes):
   worker -> server: int64 header [worker, step, version, flags] + payload (update [d] | buffers [b])
-  server -> worker: int64 header [version, flags, 0, 0] + payload (params [d] | buffers [b])
+  server -> worker: int64 header [version, flags, h0, h1] + payload (params [d] | buffers [b]);
+  h0, h1: the worker rule's scheduled hyper-parameters as float64 bits (unused ones 0)
 ``flags`` on the way up: 0 an update, 1 nothing (dropped/lost: answer with the current parameters).
 On the way down: 0 continue, 1 stop (the payload holds the final parameters).
 The transport owns this format: the server side yields :class:`Message` / :class:`Rejection`
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 
 HEADER = 4  # int64 words
 HEADER_BYTES = 8 * HEADER
-TAG_UP, TAG_DOWN, TAG_METRICS = 11, 12, 13
+TAG_UP, TAG_DOWN, TAG_METRICS, TAG_TEXT = 11, 12, 13, 14
 UP_UPDATE, UP_NOTHING = 0, 1
 DOWN_CONTINUE, DOWN_STOP = 0, 1
 DRAIN_EVERY = 256  # polls between two sweeps for messages on unexpected tags (and at every quiet poll)
@@ -69,6 +70,7 @@ class _Buffer:
         self.host = host
         self.bytes = host.numpy()
         self.header = self.bytes[:HEADER_BYTES].view(np.int64)
+        self.hyper = self.bytes[:HEADER_BYTES].view(np.float64)[2:]  # the last two header words
         self.payload = host[HEADER_BYTES:].view(dtype)
 
 
@@ -206,7 +208,8 @@ class MPIServerTransport:
         """Send ``reply`` to ``worker`` without blocking (deferred while its previous reply is in flight)."""
         i = worker - 1
         if not self.sends[i].Test():  # the worker has not taken its previous reply yet
-            self.deferred[worker] = Reply(reply.version, reply.params.clone(), _clone(reply.buffers), reply.stop)
+            self.deferred[worker] = Reply(reply.version, reply.params.clone(), _clone(reply.buffers), reply.stop,
+                                          reply.hyper)
             return
         self.deferred.pop(worker, None)
         self._send(i, reply)
@@ -223,6 +226,7 @@ class MPIServerTransport:
         if reply.buffers is not None and reply.buffers.numel():
             buf.payload[d : d + reply.buffers.numel()].copy_(reply.buffers)
         buf.header[:] = (reply.version, DOWN_STOP if reply.stop else DOWN_CONTINUE, 0, 0)
+        buf.hyper[: len(reply.hyper)] = reply.hyper
         self.sends[i] = self.comm.Isend([buf.bytes, MPI.BYTE], dest=i + 1, tag=TAG_DOWN)
 
     def absorb(self) -> None:
@@ -293,7 +297,8 @@ class MPIWorkerTransport:
         version, flags = int(self.inp.header[0]), int(self.inp.header[1])
         payload = self.inp.payload
         buffers = payload[self.d : self.d + self.b] if self.b else None
-        return Reply(version, payload[: self.d], buffers, stop=flags == DOWN_STOP)
+        hyper = tuple(float(h) for h in self.inp.hyper)
+        return Reply(version, payload[: self.d], buffers, stop=flags == DOWN_STOP, hyper=hyper)
 
 
 def _clone(t: Tensor | None) -> Tensor | None:
@@ -356,3 +361,34 @@ def gather_metrics(
     for req in requests.values():
         req.Cancel()
     return values, rejected
+
+
+def send_text(comm: MPI.Comm, text: str, timeout: float = 30.0) -> None:
+    """Server: send ``text`` (UTF-8: JSON from the trusted server, never a pickle) to every worker.
+
+    Waits at most ``timeout`` seconds for the sends (workers that do not take it are logged and
+    their sends cancelled), so a worker that skips the matching :func:`recv_text` cannot hang the server."""
+    data = np.frombuffer(text.encode(), dtype=np.uint8).copy()
+    requests = {w: comm.Isend([data, MPI.BYTE], dest=w, tag=TAG_TEXT) for w in range(1, comm.Get_size())}
+    deadline = time.monotonic() + timeout
+    while requests and time.monotonic() < deadline:
+        requests = {w: req for w, req in requests.items() if not req.Test()}
+        time.sleep(1e-3)
+    for w, req in requests.items():
+        log.warning("worker %d did not take the server's message within %.0fs (it does not evaluate or "
+                    "stop with the server); cancelled", w, timeout)
+        req.Cancel()
+
+
+def recv_text(comm: MPI.Comm) -> str:
+    """Worker: the next text the server sends with :func:`send_text` (polling, so signals still work)."""
+    status = MPI.Status()
+    spins, pause = 0, 2e-5
+    while not comm.Iprobe(source=0, tag=TAG_TEXT, status=status):
+        spins += 1
+        if spins > 50:
+            time.sleep(pause)
+            pause = min(pause * 2, 1e-3)
+    data = np.empty(status.Get_count(MPI.BYTE), dtype=np.uint8)
+    comm.Recv([data, MPI.BYTE], source=0, tag=TAG_TEXT)
+    return data.tobytes().decode()

@@ -73,4 +73,6 @@ class SimulatedTransport:
         self.waiting.discard(worker)
         self.query[worker - 1].copy_(reply.params)
         self.workers[worker - 1].version = reply.version
+        if reply.hyper:
+            self.workers[worker - 1].rule.set_hyperparameters(reply.hyper)
         self.clock.schedule(worker, self.workers[worker - 1].step, self.faults.delay, self.faults.rate)

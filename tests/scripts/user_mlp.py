@@ -162,6 +162,8 @@ class MLP(L.LightningModule):
             from lightning_byz.optim import Mu2SGD
 
             return Mu2SGD(self.parameters(), lr=self.hparams.lr)
+        if self.hparams.optimizer == "adamw":
+            return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr / 30)
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum)
 
 
@@ -196,7 +198,8 @@ def main(argv=None) -> None:
     p.add_argument("--marker", default=None, help="file a malicious pickle would create")
     p.add_argument("--straggler", type=int, default=None)
     p.add_argument("--delay", type=float, default=0.0)
-    p.add_argument("--optimizer", default="sgd", choices=["sgd", "mu2sgd"])
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "mu2sgd", "adamw"])
+    p.add_argument("--worker-momentum", type=float, default=None)
     p.add_argument("--accelerator", default="cpu")
     args = p.parse_args(argv)
     torch.manual_seed(0)
@@ -204,6 +207,7 @@ def main(argv=None) -> None:
     strategy = AsyncPSStrategy(
         aggregator=args.aggregator, mode=args.mode, transport=args.transport,
         num_workers=args.num_workers, worker_timeout=args.worker_timeout, seed=0,
+        worker_momentum=args.worker_momentum,
     )
     callbacks = []
     if args.malformed_worker:
