@@ -216,7 +216,16 @@ class AsyncPSStrategy(SingleDeviceStrategy):
             )
         self.faults = FaultSet(cb for cb in trainer.callbacks if isinstance(cb, Fault))
         self.faults.setup(self.num_workers, self.seed)
-        split = split_optimizer(self.optimizers[0], self.worker_momentum, self.worker_momentum_kind, self.double_momentum)
+        optimizer = self.optimizers[0]
+        split = split_optimizer(optimizer, self.worker_momentum, self.worker_momentum_kind, self.double_momentum)
+        if self.is_server and self.mode == "async" and self.worker_momentum is None and any(
+            g.get("momentum", 0) for g in optimizer.param_groups
+        ):
+            warnings.warn(
+                f"{type(optimizer).__name__}'s momentum runs on the server, after aggregation; with asynchrony "
+                "(stale gradients) it is much less stable than momentum on the workers: consider "
+                "worker_momentum=0.9 with momentum=0, or a smaller lr (README: 'Where momentum runs')"
+            )
         flat = FlatModel(self.lightning_module)
         if self.transport == "simulated":
             self._role = SimulatedRole(self, split, flat)

@@ -25,12 +25,16 @@ CASES = [
     case("flag.py", ["--d", "1e3", "--n", "7", "--device", "cpu"], rf"1000\s+7\s.*\s{RATIO}"),
     case("optimizer.py", ["--batch-sizes", "1", "--step-repeats", "1", "--repeats", "1", "--device", "cpu"],
          rf"Mu2SGD\s+{NUMBERS}\s+{RATIO}[\s\S]*Mu2SGD\.step \(fixed\)\s+{NUMBERS}\s+{RATIO}"),
+    case("server_optimizer.py", ["--optimizers", "adam", "--repeats", "1", "--rounds", "1"],
+         rf"adam\s+[\d.]+ms\s+[\d.]+ms\s+{RATIO}"),
     case("augmentation.py", ["--batch", "2", "--size", "8", "--repeats", "1", "--device", "cpu"],
          rf"cat_map:\s+[\d.]+ ms/batch =\s+{RATIO} the step"),
     case("ps_throughput.py", ["--d", "1e3", "--workers", "2", "--seconds", "0.2", "--repeats", "1",
                               "--timeout", "180"], rf"1e\+03\s+2\s.*\s{RATIO}\s*$", pytest.mark.mpi),
     case("async_vs_sync.py", ["--target", "0.5", "--delay", "0.05", "--max-steps", "100", "--timeout", "90"],
          rf"sync/async = {RATIO}", pytest.mark.mpi, pytest.mark.slow),
+    pytest.param("async_vs_sync.py", ["--versus", "ddp", "--target", "0.5", "--max-steps", "100", "--timeout", "90"],
+                 rf"async/ddp = {RATIO}", marks=(pytest.mark.mpi, pytest.mark.slow), id="async_vs_ddp"),
 ]
 
 
