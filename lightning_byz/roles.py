@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -84,6 +85,9 @@ class ServerLogging:
         self.server = server
         self.times: deque[float] = deque(maxlen=64)
         self._warm_up_text = ""
+        self.byzantine = strategy.faults.byzantine_workers()
+        self.budget = getattr(strategy.aggregator, "byzantine_budget", None)
+        self._over_budget_said = False
 
     def tick(self) -> None:
         self.times.append(time.perf_counter())
@@ -108,11 +112,48 @@ class ServerLogging:
             module.log("ps/updates_per_s", rate, prog_bar=True, on_step=True, on_epoch=False)
         metrics = self.server.metrics()
         metrics.update(self.strategy.faults.metrics())
+        share = self.byzantine_share()
+        if share is not None:
+            metrics["byzantine_weight"] = share
+            self._check_budget(share)
         for key in ("staleness_mean", "rejected"):
             if key in metrics:
                 module.log(f"ps/{key}", metrics.pop(key), prog_bar=True, on_step=True, on_epoch=False)
         for key, value in metrics.items():
             module.log(f"ps/{key}", float(value), on_step=True, on_epoch=False)
+
+    def byzantine_share(self) -> float | None:
+        """The realised Byzantine weight: the share of accepted messages the Byzantine workers sent
+        (the async weights s_i / Σ s_j summed over them); None without Byzantine workers or updates."""
+        total = int(self.server.counts.sum())
+        if not self.byzantine or not self.server.warm or total == 0:
+            return None
+        return float(self.server.counts[[w - 1 for w in self.byzantine]].sum()) / total
+
+    def _check_budget(self, share: float) -> None:
+        """Say once when the Byzantine workers hold more weight than the rule is built to tolerate
+        (legitimate in an experiment, never silent). Checked once every worker could have arrived."""
+        if self._over_budget_said or self.budget is None or share <= self.budget:
+            return
+        if self.server.version < self.server.num_workers:
+            return
+        self._over_budget_said = True
+        warnings.warn(
+            f"Byzantine workers {self.byzantine} hold {share:.3f} of the weight after {self.server.version} updates, "
+            f"above the {type(self.strategy.aggregator).__name__} budget {self.budget:g}: its robustness "
+            "guarantee does not cover this run (raise lam, cap max_weight, or expect the attack to win)"
+        )
+
+    def summary(self) -> None:
+        """At the end of fit: the realised Byzantine weight, once (reproductions report it)."""
+        share = self.byzantine_share()
+        if share is None:
+            return
+        budget = "none stated" if self.budget is None else f"{self.budget:g}"
+        log.info("realised Byzantine weight %.3f (workers %s; rule budget %s)", share, self.byzantine, budget)
+        trainer = self.strategy.lightning_module.trainer
+        if trainer.logger is not None:
+            trainer.logger.log_metrics({"ps/byzantine_weight_final": share}, step=trainer.global_step)
 
 
 class SimulatedRole(Role):

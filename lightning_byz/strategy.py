@@ -277,6 +277,8 @@ class AsyncPSStrategy(SingleDeviceStrategy):
     def on_train_end(self) -> None:
         if self._role is not None:
             self._role.finish()
+            if self.is_server:
+                self._role.logging.summary()
 
     def teardown(self) -> None:
         # A normal end went through ``on_train_end`` (stop messages, final parameters). After an

@@ -210,3 +210,25 @@ def test_checkpoints_load_with_weights_only_and_hold_only_plain_data(tmp_path):
     state = checkpoint["callbacks"]["AsyncPSStrategy"]
     assert {"server", "query", "clock", "streams", "rules"} <= set(state)
     assert plain(state) and plain({k: v for k, v in checkpoint["callbacks"].items()})
+
+
+@pytest.mark.parametrize("byzantine, over", [([4], True), ([1], False)])
+def test_byzantine_weight_beyond_the_rules_budget_is_said_once_and_logged(byzantine, over, recwarn):
+    """id2 arrivals over 4 workers: worker 4 sends 16/30 of the messages, over w-CWMed's 1/2; worker 1
+    sends 1/30. The server knows who is Byzantine from the configuration and logs the realised share."""
+    from lightning_byz.faults import ByzantineWorkers
+
+    shares = []
+    record = L.pytorch.callbacks.LambdaCallback(
+        on_train_batch_end=lambda trainer, *a: shares.append(float(trainer.callback_metrics["ps/byzantine_weight"]))
+        if "ps/byzantine_weight" in trainer.callback_metrics else None)
+    strategy = AsyncPSStrategy(transport="simulated", num_workers=4, arrival="id2", aggregator="cwmed")
+    trainer = _trainer(strategy, max_steps=300, log_every_n_steps=10,
+                       callbacks=[ByzantineWorkers(workers=byzantine, attack="sign_flip"), record])
+    trainer.fit(_Model(), _loader())
+    said = [w for w in recwarn if "of the weight" in str(w.message)]
+    assert len(said) == (1 if over else 0), [str(w.message) for w in said]
+    expected = (16 if over else 1) / 30
+    assert shares and abs(shares[-1] - expected) < 0.1, shares[-5:]
+    if over:
+        assert f"workers {byzantine} hold" in str(said[0].message) and "budget 0.5" in str(said[0].message)

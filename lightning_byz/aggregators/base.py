@@ -115,6 +115,14 @@ class Aggregator:
     name: str = "aggregator"
     lam_is_budget: bool = True  # a ``lam`` argument is the Byzantine weight budget (not so for flag)
 
+    @property
+    def byzantine_budget(self) -> float | None:
+        """The Byzantine weight share this rule is built to tolerate: its ``lam`` where that is the
+        budget, else 1/2 (the medians' breakdown point); 0 for rules that are not robust (the mean),
+        None where the rule states no budget (flag). The server warns when a run exceeds it."""
+        lam = getattr(self, "lam", None)
+        return lam if lam is not None and self.lam_is_budget else 0.5
+
     def __call__(self, vectors: Tensor, weights: Tensor | None = None) -> Tensor:
         X, w = check_inputs(vectors, weights)
         return self._aggregate(X, w)

@@ -237,6 +237,8 @@ def closest_to_center_mean(X: Tensor, w: Tensor, keep: float, center: str = "med
 class Mean(Aggregator):
     """Weighted mean Σ w_i x_i: weights are the share of each row. Not robust (breakdown 0)."""
 
+    byzantine_budget = 0.0
+
     def _aggregate(self, X: Tensor, w: Tensor) -> Tensor:
         return combine(w, X)
 

@@ -429,6 +429,8 @@ class NearestNeighbourMixing(GramRule):
     in front of a robust rule, where it shrinks the heterogeneity that rule must tolerate.
     """
 
+    byzantine_budget = 0.0  # alone it ends in the mean
+
     def __init__(self, lam: float = 0.1):
         self.lam = _check_nnm_lam(lam)
 
@@ -441,6 +443,12 @@ class PreAggregated(Aggregator):
 
     def __init__(self, rule: Aggregator, lam: float):
         self.rule, self.lam = rule, _check_nnm_lam(lam)
+
+    @property
+    def byzantine_budget(self) -> float | None:
+        """The smaller of NNM's budget and the rule's (None when the rule states none)."""
+        inner = self.rule.byzantine_budget
+        return None if inner is None else min(self.lam, inner)
 
     def _aggregate(self, X: Tensor, w: Tensor) -> Tensor:
         G, wh = centred_gram(X, w)

@@ -127,6 +127,7 @@ class FlagAggregator(Aggregator):
     """
 
     lam_is_budget = False
+    byzantine_budget = None  # robustness measured, not stated as a weight share
 
     def __init__(self, m: int | None = None, lam: float = 0.0, iters: int = 5, tol: float = 1e-10,
                  normalize: str = "median", eps: float = 1e-8):

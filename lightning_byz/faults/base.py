@@ -105,6 +105,10 @@ class FaultSet:
             vector = fault.on_worker_message(worker, step, vector)
         return vector
 
+    def byzantine_workers(self) -> list[int]:
+        """The workers a Byzantine fault controls (the server knows them from the configuration)."""
+        return sorted({w for f in self.faults if getattr(f, "kind", None) == "byzantine" for w in f.workers})
+
     def delay(self, worker: int, step: int) -> float:
         return sum(fault.worker_delay(worker, step) for fault in self.faults)
 
