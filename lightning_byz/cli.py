@@ -46,7 +46,7 @@ def main(args: Sequence[str] | None = None) -> int:
     if not argv:
         print(USAGE, file=sys.stderr)
         return 2
-    cli = run_cli(args)
+    cli = run_cli(argv)  # argv, not None: bundled recipe names resolve from the command line too
     trainer = cli.trainer
     if cli.subcommand == "fit" and trainer.is_global_zero:
         checkpoint = getattr(trainer.checkpoint_callback, "dirpath", None)

@@ -87,16 +87,44 @@ def test_override_reaches_the_strategy():
     assert cli.trainer.strategy.aggregator.lam == 0.2
 
 
-@pytest.mark.slow
-def test_quickstart_trains(tmp_path):
-    """``lightning-byz fit --config recipes/quickstart.yaml`` as a user runs it (~1-3 min on 2 cores)."""
+def run_quickstart(tmp_path: Path, *launch: str) -> tuple[subprocess.CompletedProcess, list[dict[str, str]]]:
+    """The README's command, from a fresh directory: the recipe by name (``launch``: under mpirun)."""
     script = Path(sys.executable).parent / "lightning-byz"
-    proc = subprocess.run([str(script), "fit", "--config", str(ROOT / "recipes" / "quickstart.yaml"),
-                           "--trainer.enable_progress_bar=false"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    command = [str(script), *launch, *(["--"] if launch else []), "fit", "--config", "quickstart",
+               "--trainer.enable_progress_bar=false"]
+    proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     log_dir = re.search(r"^logs: (.+)$", proc.stdout, re.M).group(1)
-    rows = list(csv.DictReader(open(tmp_path / log_dir / "metrics.csv")))
-    accs = [float(r["val_acc"]) for r in rows if r.get("val_acc")]
-    assert len(accs) == 5 and accs[-1] > 0.8, accs
     assert (tmp_path / log_dir / "config.yaml").is_file()
+    return proc, list(csv.DictReader(open(tmp_path / log_dir / "metrics.csv")))
+
+
+def column(rows: list[dict[str, str]], key: str) -> list[float]:
+    return [float(r[key]) for r in rows if r.get(key)]
+
+
+@pytest.mark.slow
+def test_quickstart_trains(tmp_path):
+    """``lightning-byz fit --config quickstart`` as the README has a user run it (~1 min on 2 cores)."""
+    _, rows = run_quickstart(tmp_path)
+    accs = column(rows, "val_acc")
+    assert len(accs) == 5 and accs[-1] > 0.8, accs  # measured 0.869 (deterministic)
+
+
+# The README's MPI line on this 2-core machine (9 processes), final val_acc measured 2026-12-03, quiet:
+# 0.880, 0.865, 0.897 (lr 0.1 and lam 0.25 before: 0.34-0.61); the floor leaves ~0.1 for a loaded machine.
+QUICKSTART_MPI_FLOOR = 0.75
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_quickstart_over_mpi_trains_as_the_simulation(tmp_path):
+    """``lightning-byz launch -n 8 -- fit --config quickstart``: the Byzantine share under real timing
+    stays inside the recipe's budget (no warning) and the accuracy matches the simulated run's."""
+    proc, rows = run_quickstart(tmp_path, "launch", "-n", "8")
+    accs = column(rows, "val_acc")
+    assert len(accs) == 5 and accs[-1] >= QUICKSTART_MPI_FLOOR, accs
+    (share,) = column(rows, "ps/byzantine_weight_final")
+    assert 0.15 < share < 0.35, share  # 2 of 8 equally fast workers: about 0.25, inside lam = 0.35
+    assert "of the weight" not in proc.stderr
