@@ -9,8 +9,9 @@ them, so a script that reads ``trainer.test(...)[0]["test_acc"]`` on every rank 
 e.g. with a ``BasePredictionWriter``).
 
 ``ckpt_path="best"`` needs a checkpoint callback on every rank. Workers save no checkpoints, so at
-the end of ``fit`` the server sends its first checkpoint callback's best and last paths and each
-worker holds them in a :class:`ServerCheckpoints` stand-in. What a worker then restores is not used
+the end of ``fit`` the server sends its first checkpoint callback's best and last paths (and whether
+a stop request interrupted its fit, so the workers' fit ends the same way) and each worker holds
+them in a :class:`ServerCheckpoints` stand-in. What a worker then restores is not used
 (it does not evaluate); where the file is not on the worker's node it is not read
 (:func:`restore_on_worker`).
 
@@ -40,24 +41,28 @@ class ServerCheckpoints(Checkpoint):
         self.last_model_path = last_model_path
 
 
-def send_checkpoint_paths(trainer: pl.Trainer, comm) -> None:
-    """Server, at the end of fit: its checkpoint paths to every worker."""
+def send_fit_end(trainer: pl.Trainer, comm, interrupted: bool) -> None:
+    """Server, at the end of fit: how it ended (``interrupted``: by a stop request such as SIGTERM)
+    and its checkpoint paths, to every worker."""
     from lightning_byz.transport import mpi
 
     cb = trainer.checkpoint_callback
     paths = {} if cb is None else {"best_model_path": str(getattr(cb, "best_model_path", "") or ""),
                                    "last_model_path": str(getattr(cb, "last_model_path", "") or "")}
-    mpi.send_text(comm, json.dumps(paths))
+    mpi.send_text(comm, json.dumps({"interrupted": interrupted, "checkpoints": paths}))
 
 
-def receive_checkpoint_paths(trainer: pl.Trainer, comm) -> None:
-    """Worker, at the end of fit: hold the server's checkpoint paths (when it has a checkpoint callback)."""
+def receive_fit_end(trainer: pl.Trainer, comm) -> bool:
+    """Worker, at the end of fit: hold the server's checkpoint paths (when it has a checkpoint
+    callback); True when the server's fit was interrupted (the worker's then ends the same way)."""
     from lightning_byz.transport import mpi
 
-    paths = json.loads(mpi.recv_text(comm))
+    end = json.loads(mpi.recv_text(comm))
+    paths = end["checkpoints"]
     trainer.callbacks[:] = [cb for cb in trainer.callbacks if not isinstance(cb, ServerCheckpoints)]
     if paths:
         trainer.callbacks.append(ServerCheckpoints(**{k: str(v) for k, v in paths.items()}))
+    return bool(end["interrupted"])
 
 
 def restore_on_worker(path: str, module: pl.LightningModule) -> dict[str, Any] | None:

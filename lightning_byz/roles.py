@@ -20,10 +20,11 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_byz.arrivals import ArrivalClock
 from lightning_byz.data.shards import ShardStream, Ticks, shard_loader
-from lightning_byz.evaluation import receive_checkpoint_paths, send_checkpoint_paths
+from lightning_byz.evaluation import receive_fit_end, send_fit_end
 from lightning_byz.optim.split import OptimizerSplit
 from lightning_byz.ps import FlatModel, ParameterServer, Reply, ServeLoop, WorkerStep
 
@@ -45,8 +46,9 @@ class Role:
     def optimizer_step(self, closure: Callable[[], Any]) -> Any:
         raise NotImplementedError
 
-    def finish(self) -> None:
-        """Training is over (the server reached max_steps, or a worker was told to stop)."""
+    def finish(self, interrupted: bool = False) -> None:
+        """Training is over (the server reached max_steps or was ``interrupted`` by a stop request,
+        or a worker was told to stop)."""
 
     def state_dict(self) -> dict:
         return {}
@@ -259,7 +261,7 @@ class MPIServerRole(Role):
         self.logging.tick()
         return result
 
-    def finish(self) -> None:
+    def finish(self, interrupted: bool = False) -> None:
         """Tell every worker to stop (with the final parameters), absorb their last messages."""
         from lightning_byz.transport import mpi
 
@@ -275,7 +277,7 @@ class MPIServerRole(Role):
         self._log_worker_fault_metrics({w: faults.metrics_of(v.tolist()) for w, v in values.items()})
         mpi.barrier(self.comm, timeout=30.0, while_waiting=absorb)
         self.transport.close()
-        send_checkpoint_paths(self.strategy.lightning_module.trainer, mpi.world())
+        send_fit_end(self.strategy.lightning_module.trainer, mpi.world(), interrupted)
 
     def _log_worker_fault_metrics(self, gathered: dict[int, dict[str, float]]) -> None:
         """Worker-side fault counters (attacks, packet loss) live on the workers: log them as
@@ -353,7 +355,14 @@ class MPIWorkerRole(Role):
             self._apply(self.transport.exchange(msg))
             if self.stopped:
                 break
+        self.stop_only_with_the_server()
         return result
+
+    def stop_only_with_the_server(self) -> None:
+        """A worker stops when the server says so: a ``should_stop`` set by code on the worker (the
+        module, a callback: e.g. a step count reached on this rank) is undone, or the worker would
+        wait for a stop while the server waits for its updates."""
+        self.trainer.should_stop = self.stopped
 
     def _apply(self, reply: Reply) -> None:
         self.worker.version = reply.version
@@ -365,7 +374,8 @@ class MPIWorkerRole(Role):
             self.stopped = True
             self.trainer.should_stop = True
 
-    def finish(self) -> None:
+    def finish(self, interrupted: bool = False) -> None:
+        """Take the final point, report the fault counters; end as the server's fit ended."""
         from lightning_byz.transport import mpi
 
         if not self.stopped:  # the loop ended on its own (e.g. an exception path): get the final point
@@ -373,4 +383,5 @@ class MPIWorkerRole(Role):
         request = mpi.send_metrics(self.comm, self.strategy.faults.counter_values())
         mpi.barrier(self.comm, timeout=30.0)
         request.Wait()
-        receive_checkpoint_paths(self.trainer, mpi.world())
+        if receive_fit_end(self.trainer, mpi.world()):
+            raise SIGTERMException  # the server's fit was interrupted (preemption): so is this rank's

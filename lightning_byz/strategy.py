@@ -24,6 +24,8 @@ one ``Precision.optimizer_step`` call (see :meth:`AsyncPSStrategy.optimizer_step
 
 from __future__ import annotations
 
+import logging
+import signal
 import sys
 import warnings
 from contextlib import contextmanager
@@ -37,6 +39,7 @@ from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.callbacks import Callback, Checkpoint, EarlyStopping, Timer
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import Tensor
@@ -49,6 +52,8 @@ from lightning_byz.launcher import device_for_rank
 from lightning_byz.optim.split import check_worker_momentum, split_optimizer
 from lightning_byz.ps import FlatModel, ParameterServer
 from lightning_byz.roles import MPIServerRole, MPIWorkerRole, Role, SimulatedRole
+
+log = logging.getLogger(__name__)
 
 TRANSPORTS = ("auto", "mpi", "simulated")
 DEFAULT_SIMULATED_WORKERS = 4
@@ -234,6 +239,7 @@ class AsyncPSStrategy(SingleDeviceStrategy):
         else:
             self._role = MPIWorkerRole(self, trainer, split, flat)
             _make_worker_loop(trainer)
+            trainer.callbacks.append(_WorkerStopsWithServer(self._role))
             self.lr_scheduler_configs = []  # schedules act on the server's optimizer; a worker's never steps
         if self.is_server:
             self.server = self._role.server
@@ -274,16 +280,28 @@ class AsyncPSStrategy(SingleDeviceStrategy):
         with _stepping_with(optimizer, self._role.optimizer_step):
             return self.precision_plugin.optimizer_step(optimizer, model or self.lightning_module, closure, **kwargs)
 
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        if isinstance(self._role, MPIWorkerRole):  # after Lightning registered its signal handlers
+            _leave_sigterm_to_the_server()
+
     def on_train_end(self) -> None:
         if self._role is not None:
             self._role.finish()
             if self.is_server:
                 self._role.logging.summary()
 
+    def on_exception(self, exception: BaseException) -> None:
+        """A stop request on the server (SIGTERM, e.g. Slurm preemption; Ctrl-C) ends the whole job
+        cleanly: after the callbacks' ``on_exception`` (``OnExceptionCheckpoint`` saves the server's
+        state there), every worker gets the final parameters and the stop, as at a normal end."""
+        if self.is_server and self._role is not None and isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
+            self._role.finish(interrupted=True)
+
     def teardown(self) -> None:
-        # A normal end went through ``on_train_end`` (stop messages, final parameters). After an
-        # exception nothing more is exchanged: it propagates, and ``python -m mpi4py`` aborts
-        # every rank, so no rank waits forever for a partner that is gone.
+        # A normal end went through ``on_train_end`` (stop messages, final parameters), a stop request
+        # through ``on_exception``. After any other exception nothing more is exchanged: it propagates
+        # and the job is aborted (``_abort_job_on_uncaught_exception``), so no rank waits forever.
         self._role = None
         super().teardown()
 
@@ -338,6 +356,16 @@ def _abort_job_on_uncaught_exception(rank: int) -> None:
     sys.excepthook = hook
 
 
+def _leave_sigterm_to_the_server() -> None:
+    """A worker's SIGTERM does not end it: the server decides (under Slurm preemption every rank gets
+    one; the server's ends the job, checkpoint first), so workers keep answering until it says stop.
+    Lightning restores its own handlers at teardown."""
+    def note(signum, frame) -> None:
+        log.info("worker received SIGTERM; it stops when the server stops the job")
+
+    signal.signal(signal.SIGTERM, note)
+
+
 def _node_local_rank() -> int:
     """This rank's index among the ranks on its node (MPI-3 shared-memory split; no pickle)."""
     from lightning_byz.transport import mpi
@@ -358,6 +386,19 @@ def _make_worker_loop(trainer: pl.Trainer) -> None:
     trainer.num_sanity_val_steps = 0
     server_only = (Checkpoint, EarlyStopping, Timer)
     trainer.callbacks[:] = [cb for cb in trainer.callbacks if not isinstance(cb, server_only)]
+
+
+class _WorkerStopsWithServer(Callback):
+    """On a worker, after every other hook of a batch or epoch: only the server's stop ends training."""
+
+    def __init__(self, role: MPIWorkerRole):
+        self.role = role
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        self.role.stop_only_with_the_server()
+
+    def on_train_epoch_end(self, trainer, *args) -> None:
+        self.role.stop_only_with_the_server()
 
 
 class _ServerState(Callback):

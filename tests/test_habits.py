@@ -195,3 +195,22 @@ def test_max_time_stops_every_rank_and_scheduled_hyperparameters_reach_mpi_worke
     server, *workers = _run_mpi(tmp_path, "--stop", "max_time", "--optimizer", "mu2sgd", "--steps", "100000")
     assert 20 < server["global_step"] < 100000
     assert [w["betas"] for w in workers] == [[0.5], [0.5]]  # travelled in the reply header
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_preemption_sigterm_checkpoints_stops_every_rank_and_resumes(tmp_path):
+    """SIGTERM on every rank (Slurm preemption): the server saves its state (OnExceptionCheckpoint),
+    stops every worker and the whole job ends, with Lightning's exit status for SIGTERM (0); the
+    checkpoint resumes the run."""
+    out = tmp_path / "result"
+    proc = launch(2, [HABITS, "--out", str(out), "--stop", "sigterm", "--steps", "100000"], timeout=120,
+                  capture_output=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    checkpoint = tmp_path / "preempted" / "on_exception.ckpt"
+    saved_at = torch.load(checkpoint, weights_only=False)["global_step"]
+    assert 30 <= saved_at < 100, saved_at  # each rank signals itself at its step 30
+    assert not list(tmp_path.glob("result.*"))  # fit raised on every rank: nothing after it ran
+    server, *_ = _run_mpi(tmp_path, "--stop", "should_stop", "--resume", str(checkpoint))
+    assert server["global_step"] > saved_at and server["version"] == server["global_step"]

@@ -3,7 +3,8 @@
 A digits MLP logged with torchmetrics and ``sync_dist=True``, SGD with momentum under OneCycleLR
 (which cycles the momentum too), ``val_check_interval`` in steps, ``ModelCheckpoint(monitor,
 save_top_k)``, ``LearningRateMonitor``, and one way to stop early (``--stop``): ``EarlyStopping``,
-``trainer.should_stop`` set by the module, or ``max_time``. After fit every rank calls
+``trainer.should_stop`` set by the module, ``max_time``, or SIGTERM on every rank (preemption, with
+``OnExceptionCheckpoint``). After fit every rank calls
 ``validate/test(ckpt_path=...)`` and ``predict`` and writes what it got to ``<out>.<rank>``.
 """
 
@@ -11,13 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
 import lightning as L
 import torch
 import torchmetrics
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
@@ -68,6 +71,14 @@ class DigitsMLP(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+class Preempted(L.Callback):
+    """Slurm preemption: every rank gets SIGTERM (here each sends it to itself at its step 30)."""
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == 30:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 class ScheduleBeta(L.Callback):
     """On the server only (as a scheduler would): μ²-SGD's worker-side β becomes 0.5 at step 20;
     at the end, the β each worker rule of this process uses."""
@@ -90,8 +101,9 @@ def main(argv=None) -> None:
     p.add_argument("--transport", default="auto")
     p.add_argument("--num-workers", type=int, default=None)
     p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--stop", choices=["early_stopping", "should_stop", "max_time"], default="early_stopping")
+    p.add_argument("--stop", choices=["early_stopping", "should_stop", "max_time", "sigterm"], default="early_stopping")
     p.add_argument("--optimizer", choices=["onecycle", "mu2sgd"], default="onecycle")
+    p.add_argument("--resume", default=None, help="a checkpoint to resume fit from")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     out = Path(args.out)
@@ -99,6 +111,8 @@ def main(argv=None) -> None:
     checkpoint = ModelCheckpoint(dirpath=out.parent / "ckpt", monitor="val_acc", mode="max", save_top_k=2,
                                  save_last=True)
     callbacks = [checkpoint, LearningRateMonitor(logging_interval="step", log_momentum=True)]
+    if args.stop == "sigterm":
+        callbacks += [Preempted(), OnExceptionCheckpoint(dirpath=out.parent / "preempted")]
     if args.stop == "early_stopping":
         callbacks.append(EarlyStopping(monitor="val_acc", mode="max", stopping_threshold=0.8, patience=100))
     beta = ScheduleBeta()
@@ -112,7 +126,7 @@ def main(argv=None) -> None:
         enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=5,
     )
     train, test = loaders()
-    trainer.fit(model, train, test)
+    trainer.fit(model, train, test, ckpt_path=args.resume)
     rank = strategy.global_rank
     result = {
         "global_step": trainer.global_step,
