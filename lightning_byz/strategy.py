@@ -4,7 +4,8 @@ Rank 0 is the server: its training loop counts server updates (``max_steps``), i
 server's point, its optimizer (the user's) steps on the aggregate, its validation/test loops and
 loggers are the run's. Ranks 1..N are workers: their loop computes gradients on their own shard,
 turns them into the vector they send (the worker half of the split: the gradient, the worker's
-momentum, or μ²-SGD's STORM), exchanges it for fresh parameters and stops when the server says so. Without MPI, one process simulates N workers with the same server and worker code.
+momentum, or μ²-SGD's STORM), exchanges it for fresh parameters and stops when the server says so.
+Without MPI, one process simulates N workers with the same server and worker code.
 
 This module is the Lightning adapter: configuration, the role of this process
 (:mod:`lightning_byz.roles`), the closure hand-off, checkpoint state and the workers' endless loop.
@@ -239,11 +240,11 @@ class AsyncPSStrategy(SingleDeviceStrategy):
         else:
             self._role = MPIWorkerRole(self, trainer, split, flat)
             _make_worker_loop(trainer)
-            trainer.callbacks.append(_WorkerStopsWithServer(self._role))
+            _replace_callback(trainer, _WorkerStopsWithServer(self._role))
             self.lr_scheduler_configs = []  # schedules act on the server's optimizer; a worker's never steps
         if self.is_server:
             self.server = self._role.server
-            trainer.callbacks.append(_ServerState(self))
+            _replace_callback(trainer, _ServerState(self))
             warnings.filterwarnings("ignore", message=".*`training_step` returned `None`.*")
 
     @property
@@ -386,6 +387,11 @@ def _make_worker_loop(trainer: pl.Trainer) -> None:
     trainer.num_sanity_val_steps = 0
     server_only = (Checkpoint, EarlyStopping, Timer)
     trainer.callbacks[:] = [cb for cb in trainer.callbacks if not isinstance(cb, server_only)]
+
+
+def _replace_callback(trainer: pl.Trainer, callback: Callback) -> None:
+    """Add the strategy's ``callback``, replacing one of its kind from an earlier fit."""
+    trainer.callbacks[:] = [cb for cb in trainer.callbacks if type(cb) is not type(callback)] + [callback]
 
 
 class _WorkerStopsWithServer(Callback):
