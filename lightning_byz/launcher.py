@@ -119,6 +119,9 @@ def launch(
         _stop_session(proc)
         stdout, stderr = proc.communicate()
         raise subprocess.TimeoutExpired(command, timeout, output=stdout, stderr=stderr) from None
+    except BaseException:  # Ctrl-C (or any exit) of the launcher: mpirun's own session would live on
+        _stop_session(proc)
+        raise
     return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
 
 
@@ -192,6 +195,9 @@ def main(args: Sequence[str] | None = None) -> int:
     except subprocess.TimeoutExpired:
         print(f"job stopped after {time.monotonic() - start:.0f} s (--timeout {opts.timeout:g})", file=sys.stderr)
         return 124
+    except KeyboardInterrupt:
+        print(f"interrupted after {time.monotonic() - start:.0f} s: every rank of the job stopped", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

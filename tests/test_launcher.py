@@ -1,5 +1,6 @@
 """The local mpirun launcher: command, environment, device helpers, and real 1 + 3 rank jobs."""
 
+import signal
 import subprocess
 import sys
 import time
@@ -78,6 +79,25 @@ def test_timeout_stops_every_rank(tmp_path):
         launch(1, [str(script)], timeout=4, capture_output=True)
     pids = [int(p) for p in (info.value.output or "").split()]
     assert len(pids) == 2  # both ranks had started
+    time.sleep(0.5)
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(90)
+def test_ctrl_c_on_the_launcher_stops_every_rank(tmp_path):
+    """The launcher (``lightning-byz launch`` is ``python -m lightning_byz.launcher -- -m lightning_byz``)
+    puts mpirun in a session of its own, so a terminal's Ctrl-C reaches only the launcher: it must
+    take the whole job down, not leave the ranks running."""
+    script = tmp_path / "hang.py"
+    script.write_text("import os, time\nprint(os.getpid(), flush=True)\ntime.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, "-m", "lightning_byz.launcher", "-n", "1", "--", str(script)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pids = [int(proc.stdout.readline()) for _ in range(2)]  # both ranks are up
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and "every rank of the job stopped" in err, err[-2000:]
     time.sleep(0.5)
     for pid in pids:
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
