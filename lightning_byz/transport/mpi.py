@@ -51,10 +51,15 @@ def under_mpi() -> bool:
 
 
 def _wait(req: MPI.Request) -> None:
-    """Wait for ``req``, polling with a short back-off (<= 1 ms) instead of MPI's busy wait: a waiting
-    worker then leaves the CPU to the server when ranks share cores (oversubscribed machines)."""
+    """Wait for ``req`` (see :func:`_poll_until`)."""
+    _poll_until(req.Test)
+
+
+def _poll_until(done: Callable[[], bool]) -> None:
+    """Poll ``done`` with a short back-off (<= 1 ms) instead of MPI's busy wait: a waiting worker
+    then leaves the CPU to the server when ranks share cores (oversubscribed machines)."""
     spins, pause = 0, 2e-5
-    while not req.Test():
+    while not done():
         spins += 1
         if spins > 50:
             time.sleep(pause)
@@ -383,12 +388,7 @@ def send_text(comm: MPI.Comm, text: str, timeout: float = 30.0) -> None:
 def recv_text(comm: MPI.Comm) -> str:
     """Worker: the next text the server sends with :func:`send_text` (polling, so signals still work)."""
     status = MPI.Status()
-    spins, pause = 0, 2e-5
-    while not comm.Iprobe(source=0, tag=TAG_TEXT, status=status):
-        spins += 1
-        if spins > 50:
-            time.sleep(pause)
-            pause = min(pause * 2, 1e-3)
+    _poll_until(lambda: comm.Iprobe(source=0, tag=TAG_TEXT, status=status))
     data = np.empty(status.Get_count(MPI.BYTE), dtype=np.uint8)
     comm.Recv([data, MPI.BYTE], source=0, tag=TAG_TEXT)
     return data.tobytes().decode()
