@@ -6,8 +6,9 @@ Byzantine (λ = 2/9 ≈ 0.22 of the updates), validates once at the end and keep
 Rules with a Byzantine budget get lam = 2/9. Attacks: those of
 :data:`lightning_byz.faults.attacks.ATTACKS` (the recipe's scale 4 for ``sign_flip`` and
 ``random``; the papers' scale 1 for the omniscient ones), no attack, and the rate-aware adversary:
-``flood`` (random gradients, the Byzantine workers arriving 10× as often, default warm-up) and
-``first-arrival`` (the same with ``min_workers=1``: no warm-up quorum). ``drop`` runs with
+``flood`` (random gradients, the Byzantine workers arriving 10× as often, default warm-up),
+``first-arrival`` (the same with ``min_workers=1``: no warm-up quorum) and ``flood+cap`` (``flood``
+with the server's ``max_weight=1/9``: no worker above its fair share). ``drop`` runs with
 ``min_workers=7`` (the honest workers): under the default warm-up (all 9) the server would first
 wait ``worker_timeout`` (60 virtual seconds of arrivals) for the droppers to count as silent. Writes
 ``attack_gallery.{png,json}`` to ``--out`` and the table (mean final accuracy over seeds 0..K−1)
@@ -37,6 +38,7 @@ BYZANTINE = [8, 9]
 LAM = round(len(BYZANTINE) / NUM_WORKERS, 6)
 FLOOD = 10.0
 FLOOD_ATTACK = "random"
+FAIR_CAP = round(1 / NUM_WORKERS, 6)  # max_weight of the flood+cap column: every worker's fair share
 STEPS = {"small": 20, "full": 300}  # server steps per cell (default of --steps)
 SMALL_RULES = ("mean", "cwmed", "ctma(cwmed)")
 SMALL_ATTACKS = ("none", "random", "ipm")
@@ -59,20 +61,24 @@ RULES: dict[str, list[str]] = {
 }
 
 
+FLOODS = {"flood": [], "first-arrival": ["--trainer.strategy.init_args.min_workers=1"],
+          "flood+cap": [f"--trainer.strategy.init_args.max_weight={FAIR_CAP}"]}
+
+
 def attack_overrides(attack: str) -> list[str]:
     """CLI overrides of one gallery column (see the module doc)."""
     if attack == "none":
         return ["--trainer.callbacks=[]"]
-    if attack in ("flood", "first-arrival"):
+    if attack in FLOODS:
         args = attack_args(FLOOD_ATTACK, BYZANTINE) + [f"--trainer.callbacks.init_args.flood={FLOOD}"]
-        return args + (["--trainer.strategy.init_args.min_workers=1"] if attack == "first-arrival" else [])
+        return args + FLOODS[attack]
     args = attack_args(attack, BYZANTINE)
     if attack == "drop":  # skip the warm-up's wait for the droppers to go silent (see the module doc)
         args.append(f"--trainer.strategy.init_args.min_workers={NUM_WORKERS - len(BYZANTINE)}")
     return args + (["--trainer.callbacks.init_args.scale=1.0"] if attack in OMNISCIENT else [])
 
 
-ALL_ATTACKS = ("none", *ATTACKS, "flood", "first-arrival")
+ALL_ATTACKS = ("none", *ATTACKS, *FLOODS)
 
 
 def grid(name: str) -> tuple[list[str], list[str]]:
@@ -83,9 +89,9 @@ def grid(name: str) -> tuple[list[str], list[str]]:
 
 
 def run_cell(rule: str, attack: str, steps: int, seed: int, data=None) -> tuple[float, float, object]:
-    """Fit one cell in-process; (final validation accuracy, Byzantine share of the server's weight
-    s_i / Σ s_j at the end, the fitted datamodule). ``data``: a datamodule set up by an earlier
-    cell, reused so the digits are loaded once."""
+    """Fit one cell in-process; (final validation accuracy, Byzantine share of the server's weights
+    at the end — s_i / Σ s_j after any ``max_weight`` cap —, the fitted datamodule). ``data``: a
+    datamodule set up by an earlier cell, reused so the digits are loaded once."""
     overrides = [f"--trainer.strategy.init_args.num_workers={NUM_WORKERS}",
                  "--trainer.strategy.init_args.arrival=uniform", f"--trainer.max_steps={steps}",
                  f"--trainer.val_check_interval={steps}", *RULES[rule], *attack_overrides(attack)]
@@ -94,9 +100,10 @@ def run_cell(rule: str, attack: str, steps: int, seed: int, data=None) -> tuple[
     cli.trainer.callbacks.append(curve)
     data = cli.datamodule if data is None else data
     cli.trainer.fit(cli.model, data)
-    counts = cli.trainer.strategy.server.counts.double()
-    byzantine = counts[[w - 1 for w in BYZANTINE]].sum() / counts.sum()
-    return curve.points[-1][1], float(byzantine), data
+    server = cli.trainer.strategy.server
+    workers = torch.arange(1, NUM_WORKERS + 1)
+    weights = server.weights(workers).double().cpu()
+    return curve.points[-1][1], float(weights[[w - 1 for w in BYZANTINE]].sum()), data
 
 
 def heatmap(rules: list[str], attacks: list[str], means: dict, path: Path, title: str) -> None:
@@ -125,14 +132,20 @@ def heatmap(rules: list[str], attacks: list[str], means: dict, path: Path, title
     plt.close(fig)
 
 
-def table(rules: list[str], attacks: list[str], accuracies: dict, seeds: int, provenance: str) -> str:
-    """Markdown: ``provenance``, then one row per rule, one column per attack, mean [min, max] over seeds."""
+def table(rules: list[str], attacks: list[str], accuracies: dict, shares: dict, seeds: int,
+          provenance: str) -> str:
+    """Markdown: ``provenance``, one row per rule and one column per attack (mean [min, max] over
+    seeds), then a row with the Byzantine workers' share of the server's final weights (over all runs)."""
     over = f"mean [min, max] over {seeds} seeds" if seeds > 1 else "one seed"
-    lines = [provenance, "", f"Final validation accuracy ({over}); `error`: the run raised.", "",
-             "| rule | " + " | ".join(attacks) + " |", "|---" * (len(attacks) + 1) + "|"]
+    lines = [provenance, "", f"Final validation accuracy ({over}); `error`: the run raised. Last row: the "
+             "Byzantine workers' share of the server's weights at the end (mean over every rule and seed).",
+             "", "| rule | " + " | ".join(attacks) + " |", "|---" * (len(attacks) + 1) + "|"]
     for rule in rules:
         cells = [format_cell(spread(accuracies[rule][a])) if accuracies[rule][a] else "error" for a in attacks]
         lines.append(f"| {rule} | " + " | ".join(cells) + " |")
+    pooled = {a: [v for r in rules for v in shares[r][a]] for a in attacks}
+    lines.append("| *Byzantine weight* | " + " | ".join(
+        f"*{sum(v) / len(v):.2f}*" if v else "–" for v in pooled.values()) + " |")
     return "\n".join(lines + ["", "![attack gallery](attack_gallery.png)"])
 
 
@@ -182,9 +195,9 @@ def gallery(grid_name: str = "small", seeds: int = 3, steps: int | None = None,
     provenance = (f"Produced by `python benchmarks/attack_gallery.py --grid {grid_name} --seeds {seeds} "
                   f"--steps {steps}` in {wall / 60:.1f} min ({cell_s:.1f} s per run, "
                   f"`torch.set_num_threads(1)`).")
-    write_block(out / "attack_gallery.md", table(rules, attacks, accuracies, seeds, provenance))
+    write_block(out / "attack_gallery.md", table(rules, attacks, accuracies, byzantine_share, seeds, provenance))
     results = {"grid": grid_name, "seeds": list(range(seeds)), "steps": steps, "num_workers": NUM_WORKERS,
-               "byzantine": BYZANTINE, "lam": LAM, "flood": FLOOD, "flood_attack": FLOOD_ATTACK,
+               "byzantine": BYZANTINE, "lam": LAM, "flood": FLOOD, "flood_attack": FLOOD_ATTACK, "fair_cap": FAIR_CAP,
                "wall_s": round(wall, 1), "cell_s": round(cell_s, 2),
                "rules": {r: RULES[r] for r in rules}, "attacks": {a: attack_overrides(a) for a in attacks},
                "accuracy": accuracies, "byzantine_weight_share": byzantine_share, "errors": errors}

@@ -84,7 +84,8 @@ class AsyncPSStrategy(SingleDeviceStrategy):
         min_workers: warm-up: distinct workers the server must hear from before its first update
             (default: all); nobody is answered before it, so speed buys no weight at the start.
         max_staleness: reject (and count) updates computed more than this many versions ago.
-        max_weight: cap on any worker's async weight s_i / Σ s_j, in (0, 1].
+        max_weight: cap on any worker's async weight s_i / Σ s_j, in (0, 1], and on its share of the
+            updates it triggers (arrivals past it refresh its row without an update: ``ps/throttled``).
         worker_momentum: β in (0, 1): each worker sends its momentum instead of its gradient (robust
             rules separate honest from Byzantine better after averaging the noise); default None:
             workers send gradients and any momentum runs in the user's optimizer on the server.

@@ -231,6 +231,44 @@ def test_max_weight_caps_a_flooding_worker():
     assert torch.allclose(w, torch.tensor([0.5, 0.5]))  # uncapped: 8/9 and 1/9
 
 
+@pytest.mark.parametrize("cap", [None, 0.25, 0.5])
+def test_max_weight_caps_the_share_of_updates_a_flooder_triggers(cap):
+    """Worker 1 sends 10 messages for every one of workers 2-4: it may trigger at most
+    max(cap, 1/k) of the updates (plus one); every message is still answered, nothing stalls."""
+    loop, transport = make_loop(n=4, max_weight=cap)
+    for w in (1, 2, 3, 4):  # the warm-up
+        transport.inbox.append(msg(w))
+    loop.serve_until_update()
+    transport.answered()
+    server, base = loop.server, loop.server.version
+    for _ in range(20):
+        for w in [1] * 10 + [2, 3, 4]:
+            transport.inbox.append(msg(w, version=server.version))
+            loop.serve_one()
+            assert transport.answered() == [w]
+    triggered = server.triggered.tolist()
+    assert sum(triggered) == server.version - base
+    share = triggered[0] / sum(triggered)
+    if cap is None:
+        assert share == 10 / 13 and server.throttled == 0
+    else:
+        assert share <= cap + 1 / sum(triggered) and server.throttled == 200 - triggered[0]
+        assert triggered[1:] == [20, 20, 20]  # the honest arrivals all trigger
+
+
+def test_a_capped_worker_alone_still_triggers_updates():
+    clock = Clock()
+    loop, transport = make_loop(n=3, timeout=5.0, clock=clock, max_weight=0.34)
+    for w in (1, 2, 3):
+        transport.inbox.append(msg(w))
+    loop.serve_until_update()
+    clock.now = 10.0  # workers 2 and 3 fall silent: worker 1 is the only active one (cap 1/k = 1)
+    for _ in range(5):
+        transport.inbox.append(msg(1, version=loop.server.version))
+        assert loop.serve_one()
+    assert loop.server.throttled == 0 and loop.server.silent == {2, 3}
+
+
 def test_cap_weights_properties():
     from lightning_byz.ps.server import cap_weights
 

@@ -23,6 +23,12 @@ Dahan & Levy likewise takes one step from every worker before training.
 versions ago: a flooding or lagging worker cannot push stale directions. ``max_weight`` caps every
 worker's async weight s_i / Σ s_j at that fraction (the excess is shared among the others in
 proportion to their weights), so no rate, however high, buys more than ``max_weight`` of an update.
+It caps the share of the updates a worker *triggers* as well: an arrival from a worker that has
+already triggered more than ``max(max_weight, 1/k)`` of them (k: the active workers) refreshes its row
+and is answered, but triggers no update (counted as ``throttled``). Why: capping weights alone does
+not stop a flood — each of the flooder's arrivals still triggers an update that re-applies the honest
+workers' stale rows (measured in ``docs/attack_gallery.md``); with the trigger cap the honest workers'
+rows move the model no more often than their own arrivals and the flooders' share allow.
 
 **Defence in depth.** Rows are validated on arrival (size, NaN/Inf, version); rows written by the
 omniscient-attack slot are validated too (a non-finite one is left out and counted). An update whose
@@ -115,6 +121,8 @@ class ParameterServer:
         self.latest = torch.zeros(num_workers, d, dtype=dt, device=dev)
         self.latest_buffers = torch.zeros(num_workers, buffers_numel, dtype=dt, device=dev)
         self.counts = torch.zeros(num_workers, dtype=torch.long)
+        self.triggered = torch.zeros(num_workers, dtype=torch.long)  # async updates each worker triggered
+        self.throttled = 0
         self.last_heard = [clock()] * num_workers  # a worker never heard is silent after the timeout
         self.silent: set[int] = set()
         self.round: set[int] = set()  # workers whose vectors wait for the next update (sync, warm-up)
@@ -167,9 +175,20 @@ class ParameterServer:
             self.counts[i] = 1
         self.staleness.append(self.version - msg.version)
         if self.mode == "async" and self.warm:
-            return True
+            return self._may_trigger(i)
         self.round.add(msg.worker)
         return self.round_complete()
+
+    def _may_trigger(self, i: int) -> bool:
+        """Async: worker ``i + 1``'s arrival triggers an update unless it already triggered more than
+        ``max(max_weight, 1/k)`` of them (the least-triggered active worker always may: no stall)."""
+        if self.max_weight is not None:
+            cap = max(self.max_weight, 1.0 / max(len(self.active_workers()), 1))
+            if float(self.triggered[i]) > cap * (float(self.triggered.sum()) + 1):
+                self.throttled += 1
+                return False
+        self.triggered[i] += 1
+        return True
 
     def round_complete(self) -> bool:
         """The collection is complete: ``min_workers`` during the warm-up, then (sync) ``quorum``
@@ -306,7 +325,8 @@ class ParameterServer:
     def metrics(self) -> dict[str, float]:
         """Staleness since the last call, weights, rejections: what the strategy logs."""
         out: dict[str, float] = {"rejected": float(sum(self.rejected.values())), "lost": float(self.lost),
-                                 "skipped_updates": float(sum(self.skipped.values()))}
+                                 "skipped_updates": float(sum(self.skipped.values())),
+                                 "throttled": float(self.throttled)}
         if self.staleness:
             out["staleness_mean"] = sum(self.staleness) / len(self.staleness)
             out["staleness_max"] = float(max(self.staleness))
@@ -324,6 +344,8 @@ class ParameterServer:
             "latest": self.latest.cpu().clone(),
             "latest_buffers": self.latest_buffers.cpu().clone(),
             "counts": self.counts.clone(),
+            "triggered": self.triggered.clone(),
+            "throttled": self.throttled,
             "version": self.version,
             "rejected": dict(self.rejected),
             "lost": self.lost,
@@ -342,6 +364,8 @@ class ParameterServer:
         self.latest.copy_(state["latest"])
         self.latest_buffers.copy_(state["latest_buffers"])
         self.counts.copy_(state["counts"])
+        self.triggered.copy_(state.get("triggered", torch.zeros_like(self.triggered)))
+        self.throttled = int(state.get("throttled", 0))
         self.version = int(state["version"])
         self.rejected = Counter(state["rejected"])
         self.lost = int(state["lost"])
