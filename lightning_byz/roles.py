@@ -13,6 +13,7 @@ training step sees, the closure it gets, the metrics it logs, the state it check
 from __future__ import annotations
 
 import logging
+import signal
 import time
 import warnings
 from collections import deque
@@ -26,7 +27,7 @@ from lightning_byz.arrivals import ArrivalClock
 from lightning_byz.data.shards import ShardStream, Ticks, shard_loader
 from lightning_byz.evaluation import receive_fit_end, send_fit_end
 from lightning_byz.optim.split import OptimizerSplit
-from lightning_byz.ps import FlatModel, ParameterServer, Reply, ServeLoop, WorkerStep
+from lightning_byz.ps import FlatModel, Message, ParameterServer, Reply, ServeLoop, WorkerStep
 
 if TYPE_CHECKING:
     from lightning_byz.strategy import AsyncPSStrategy
@@ -245,8 +246,17 @@ class MPIServerRole(Role):
         )
         self.logging = ServerLogging(strategy, self.server)
         self.loop = ServeLoop(self.server, self.transport, model=flat, on_warm_up=self.logging.warm_up,
-                              hyper=split.worker_hyperparameters)
+                              hyper=split.worker_hyperparameters, on_stop_request=self.stop_requested)
         self.stopped = False
+        self.stop_asked = False
+
+    def stop_requested(self, worker: int) -> None:
+        """A worker got SIGTERM: stop the job as for the server's own SIGTERM (Lightning's handler
+        ends fit at the next update: ``on_exception`` checkpoints, then every worker is stopped)."""
+        if not self.stop_asked:
+            self.stop_asked = True
+            log.warning("worker %d received SIGTERM: stopping the job (checkpoint first, as for the server's)", worker)
+            signal.raise_signal(signal.SIGTERM)
 
     def train_dataloader(self, dataloader: object) -> object:
         return Ticks(len(dataloader))  # the server trains on no data itself
@@ -325,13 +335,14 @@ class MPIWorkerRole(Role):
         self.strategy = strategy
         self.trainer = trainer
         self.flat = flat
-        self.comm = mpi.world().Dup()
+        self.comm = mpi.duplicate(mpi.world())  # bounded, as every wait on the server
         pin = flat.device.type == "cuda"
         self.transport = mpi.MPIWorkerTransport(self.comm, flat.numel, flat.buffers_numel, flat.dtype, pin)
         rank = self.comm.Get_rank()
         self.worker = WorkerStep(rank, split.make_worker_rule(), flat, strategy.faults, send_buffers=True)
         self.hyper_count = len(split.worker_hyperparameters())  # how many values the rule takes
         self.stopped = False
+        self.sigterm = False  # this rank got SIGTERM: its next message asks the server to stop the job
 
     def train_dataloader(self, dataloader: object) -> object:
         n, rank = self.strategy.num_workers, self.worker.worker
@@ -346,6 +357,9 @@ class MPIWorkerRole(Role):
             self._apply(self.transport.wait_stop())
             return closure()  # Lightning insists the closure runs; its gradient goes nowhere
         msg, result = worker.message(self.flat.params, closure)
+        if self.sigterm:  # forwarded once, in place of this step's update
+            self.sigterm = False
+            msg = Message(msg.worker, msg.step, msg.version, None, stop_request=True)
         faults = self.strategy.faults
         repeats = max(1, round(faults.rate(worker.worker)))  # a flooding worker resends at once
         delay = faults.delay(worker.worker, msg.step)

@@ -79,6 +79,9 @@ class AsyncPSStrategy(SingleDeviceStrategy):
             the Trainer's accelerator is CUDA), or a torch device string.
         worker_timeout: seconds (virtual seconds when simulated) of silence after which a worker is
             reported and left out of the aggregate until it sends again.
+        server_timeout: MPI workers: seconds without a word from the server (it sends a heartbeat
+            every few seconds, also while it validates or saves) after which a worker raises
+            ``ServerSilentError`` and the job ends; a frozen or unreachable server cannot hang it.
         seed: seeds the simulation (arrivals, shards) and the fault generators.
         sim_step_time: simulated mean compute time of one worker step under uniform arrivals.
         min_workers: warm-up: distinct workers the server must hear from before its first update
@@ -109,6 +112,7 @@ class AsyncPSStrategy(SingleDeviceStrategy):
         sync_quorum: int | None = None,
         server_device: str = "auto",
         worker_timeout: float = 60.0,
+        server_timeout: float = 300.0,
         seed: int = 0,
         sim_step_time: float = 0.05,
         min_workers: int | None = None,
@@ -125,8 +129,9 @@ class AsyncPSStrategy(SingleDeviceStrategy):
             raise ValueError(f"mode must be 'async' or 'sync', got {mode!r}")
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
-        if not worker_timeout > 0:
-            raise ValueError(f"worker_timeout must be > 0 seconds, got {worker_timeout}")
+        for name, value in (("worker_timeout", worker_timeout), ("server_timeout", server_timeout)):
+            if not (isinstance(value, (int, float)) and value > 0):
+                raise ValueError(f"{name} must be > 0 seconds, got {value!r}")
         options = dict(aggregator_kwargs or {})
         both = sorted(set(options) & set(kwargs))
         if both:
@@ -137,7 +142,7 @@ class AsyncPSStrategy(SingleDeviceStrategy):
         self.arrival = arrival
         self.sync_quorum = sync_quorum
         self.server_device = server_device
-        self.worker_timeout = float(worker_timeout)
+        self.worker_timeout, self.server_timeout = float(worker_timeout), float(server_timeout)
         self.seed = int(seed)
         self.sim_step_time = float(sim_step_time)
         self.transport = "mpi" if transport == "auto" and MPIEnvironment.detect() else transport
@@ -158,6 +163,12 @@ class AsyncPSStrategy(SingleDeviceStrategy):
             self.global_rank = env.global_rank()
             self.local_rank = _node_local_rank()
             _abort_job_on_uncaught_exception(self.global_rank)
+            from lightning_byz.transport import mpi
+
+            if self.global_rank == 0:
+                mpi.start_heartbeat(self.server_timeout)
+            else:
+                mpi.watch_the_server(self.server_timeout)
             if arrival != "uniform" and self.global_rank == 0:
                 warnings.warn(
                     f"arrival={arrival!r} only shapes simulated runs; under MPI real timing decides who arrives"
@@ -285,7 +296,7 @@ class AsyncPSStrategy(SingleDeviceStrategy):
     def on_train_start(self) -> None:
         super().on_train_start()
         if isinstance(self._role, MPIWorkerRole):  # after Lightning registered its signal handlers
-            _leave_sigterm_to_the_server()
+            _forward_sigterm_to_the_server(self._role)
 
     def on_train_end(self) -> None:
         if self._role is not None:
@@ -294,11 +305,17 @@ class AsyncPSStrategy(SingleDeviceStrategy):
                 self._role.logging.summary()
 
     def on_exception(self, exception: BaseException) -> None:
-        """A stop request on the server (SIGTERM, e.g. Slurm preemption; Ctrl-C) ends the whole job
-        cleanly: after the callbacks' ``on_exception`` (``OnExceptionCheckpoint`` saves the server's
-        state there), every worker gets the final parameters and the stop, as at a normal end."""
-        if self.is_server and self._role is not None and isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
+        """A stop request on the server (SIGTERM, e.g. Slurm preemption, also one a worker forwarded;
+        Ctrl-C) ends the whole job cleanly: after the callbacks' ``on_exception``
+        (``OnExceptionCheckpoint`` saves the server's state there), every worker gets the final
+        parameters and the stop, as at a normal end. The server then exits with 143 (128 + SIGTERM;
+        Lightning's own exit status would be 0), so a scheduler sees the job did not finish."""
+        if not self.is_server or not isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
+            return
+        if self._role is not None:
             self._role.finish(interrupted=True)
+        if isinstance(exception, SIGTERMException) and exception.code is None:
+            exception.code = 128 + signal.SIGTERM
 
     def teardown(self) -> None:
         # A normal end went through ``on_train_end`` (stop messages, final parameters), a stop request
@@ -358,14 +375,15 @@ def _abort_job_on_uncaught_exception(rank: int) -> None:
     sys.excepthook = hook
 
 
-def _leave_sigterm_to_the_server() -> None:
-    """A worker's SIGTERM does not end it: the server decides (under Slurm preemption every rank gets
-    one; the server's ends the job, checkpoint first), so workers keep answering until it says stop.
-    Lightning restores its own handlers at teardown."""
-    def note(signum, frame) -> None:
-        log.info("worker received SIGTERM; it stops when the server stops the job")
+def _forward_sigterm_to_the_server(role: MPIWorkerRole) -> None:
+    """A worker's SIGTERM does not end it alone: its next message asks the server to stop the job
+    (under Slurm preemption every rank gets one; the server's own ends the job, checkpoint first),
+    and it keeps answering until the server says stop. Lightning restores its handlers at teardown."""
+    def forward(signum, frame) -> None:
+        log.info("worker received SIGTERM; the server stops the job")
+        role.sigterm = True
 
-    signal.signal(signal.SIGTERM, note)
+    signal.signal(signal.SIGTERM, forward)
 
 
 def _node_local_rank() -> int:

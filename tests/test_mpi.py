@@ -114,18 +114,58 @@ def test_identical_workers_get_the_same_share_whatever_their_rank():
 @pytest.mark.parametrize("rank, phase, runner", [
     (0, "validation", []),  # plain `mpirun python script.py`
     (0, "callback", ["-m", "mpi4py"]),
+    (0, "checkpoint", []),
     (2, "worker_step", []),
+    (1, "data_loader", []),
 ])
 def test_an_exception_on_any_rank_ends_the_job_under_any_launcher(rank, phase, runner, tmp_path):
     from conftest import USER_SCRIPT
 
+    ckpt = tmp_path / "ckpt"
     cmd = [mpirun_path(), "-n", "4", sys.executable, *runner, USER_SCRIPT, "--out", str(tmp_path / "r"),
-           "--steps", "100000", "--boom", str(rank), phase]
+           "--steps", "100000", "--boom", str(rank), phase, "--ckpt-dir", str(ckpt)]
     start = time.monotonic()
     proc = subprocess.run(cmd, env=mpi_env(4), capture_output=True, text=True, timeout=150)
+    _ended_with_the_traceback_of(proc, start, rank, named=not runner)
+    if phase == "checkpoint":  # the save that raised wrote nothing; the one before is intact
+        import torch
+
+        assert torch.load(ckpt / "last.ckpt", weights_only=False)["global_step"] == 50
+
+
+def _ended_with_the_traceback_of(proc, start: float, rank: int, named: bool = True) -> None:
+    """The job exited non-zero within 60 s (+ start-up), printing ``boom``; the failing rank named."""
     assert proc.returncode != 0
     assert time.monotonic() - start < 90
-    if not runner:
+    if named:
         role = "the server" if rank == 0 else f"worker {rank}"
         assert f"rank {rank} ({role}) failed" in proc.stderr, proc.stderr[-3000:]
-    assert "boom" in proc.stderr
+    assert "boom" in proc.stderr, proc.stderr[-3000:]
+
+
+def test_an_exception_under_the_console_script_ends_the_job(tmp_path):
+    """`mpirun lightning-byz fit ...` (what the Slurm templates run with srun): a server-side exception."""
+    from pathlib import Path
+
+    boom = json.dumps([{"class_path": "user_mlp.Boom", "init_args": {"rank": 0, "phase": "validation"}}])
+    cmd = [mpirun_path(), "-n", "3", str(Path(sys.executable).parent / "lightning-byz"), "fit", "--config",
+           "quickstart", "--trainer.strategy.init_args.num_workers=null", "--trainer.logger=false",
+           "--trainer.max_steps=100000", "--trainer.val_check_interval=20", f"--trainer.callbacks={boom}"]
+    env = {**mpi_env(3), "PYTHONPATH": str(SCRIPTS)}
+    start = time.monotonic()
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=150)
+    _ended_with_the_traceback_of(proc, start, 0)
+
+
+def test_a_frozen_server_ends_the_job_and_a_long_validation_does_not(run_mpi):
+    """Workers bound their wait on the server (server_timeout 4 s): a server process stopped at update
+    20 (SIGSTOP: a hung node) ends the job non-zero, the workers naming the server; a server that
+    validates for 10 s at a time keeps them waiting (its heartbeat), and the run ends normally."""
+    start = time.monotonic()
+    proc, _ = run_mpi(2, "--steps", "100000", "--server-timeout", "4", "--stall", "freeze", "0",
+                      expect_ok=False, timeout=120)
+    assert proc.returncode != 0 and time.monotonic() - start < 90
+    assert "no word from the server (rank 0)" in proc.stderr, proc.stderr[-3000:]
+    proc, results = run_mpi(2, "--steps", "40", "--server-timeout", "4", "--stall", "validation", "5",
+                            "--val-every", "20", timeout=150)
+    assert results[0]["global_step"] == 40

@@ -269,6 +269,21 @@ def test_a_capped_worker_alone_still_triggers_updates():
     assert loop.server.throttled == 0 and loop.server.silent == {2, 3}
 
 
+def test_a_stop_request_is_answered_heard_and_never_an_update():
+    loop, transport = make_loop(n=2, min_workers=1)
+    asked = []
+    loop.on_stop_request = asked.append
+    transport.inbox.append(msg(1))
+    loop.serve_until_update()
+    transport.answered()
+    transport.inbox.append(Message(2, 3, loop.server.version, None, stop_request=True))
+    assert not loop.serve_one()
+    assert asked == [2] and transport.answered() == [2] and loop.server.version == 1
+    transport.inbox.append(Message(1, 4, 99, None, stop_request=True))  # a version from the future
+    assert not loop.serve_one()
+    assert asked == [2] and transport.answered() == [] and loop.server.rejected["stop request"] == 1
+
+
 def test_cap_weights_properties():
     from lightning_byz.ps.server import cap_weights
 

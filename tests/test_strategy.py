@@ -163,6 +163,8 @@ def test_loss_scaling_is_a_clear_error():
         ({"num_workers": 3, "arrival": "zipf"}, "arrival must be"),
         ({"num_workers": 0, "transport": "simulated"}, "num_workers must be >= 1"),
         ({"worker_timeout": 0}, "worker_timeout must be > 0"),
+        ({"server_timeout": -1.0}, "server_timeout must be > 0"),
+        ({"server_timeout": "5"}, "server_timeout must be > 0"),
         ({"aggregator": "median-of-means"}, "unknown aggregator"),
         ({"aggregator": "cwtm", "lam": 0.7}, "lam must lie in"),
     ],

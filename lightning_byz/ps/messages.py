@@ -18,7 +18,8 @@ class Message:
 
     ``vector`` is ``None`` when nothing arrived (a dropped or lost message): the server then answers
     with its current parameters without updating. ``buffers`` carries the worker's floating-point
-    module buffers (BatchNorm statistics), or is ``None``.
+    module buffers (BatchNorm statistics), or is ``None``. ``stop_request``: the worker received
+    SIGTERM (no vector): the server stops the whole job as for its own SIGTERM, checkpoint first.
     """
 
     worker: int
@@ -26,6 +27,7 @@ class Message:
     version: int
     vector: Tensor | None
     buffers: Tensor | None = None
+    stop_request: bool = False
 
 
 @dataclass

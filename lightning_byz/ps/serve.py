@@ -46,6 +46,7 @@ class ServeLoop:
     into it after each update and its buffers travel with every reply. ``on_warm_up(heard, needed)``
     (optional) hears how the warm-up goes, after every message and quiet poll until the first update.
     ``hyper()`` (optional) gives the worker rule's scheduled hyper-parameters, sent with every reply.
+    ``on_stop_request(worker)`` (optional) hears a worker's stop request (its SIGTERM).
     """
 
     def __init__(
@@ -56,6 +57,7 @@ class ServeLoop:
         poll_timeout: float = 1.0,
         on_warm_up: Callable[[int, int], None] | None = None,
         hyper: Callable[[], tuple[float, ...]] = tuple,
+        on_stop_request: Callable[[int], None] = lambda worker: None,
     ):
         self.server = server
         self.transport = transport
@@ -63,6 +65,7 @@ class ServeLoop:
         self.poll_timeout = poll_timeout
         self.on_warm_up = on_warm_up
         self.hyper = hyper
+        self.on_stop_request = on_stop_request
         self.pending: list[int] = []  # workers owed a reply (sync: until the round ends)
 
     def serve_until_update(self) -> None:
@@ -83,6 +86,14 @@ class ServeLoop:
             return True
         if isinstance(got, Rejection):
             server.reject(got.worker, got.reason)
+            return False
+        if got.stop_request:  # no update in it: answer, and let the owner stop the job
+            reason = server.invalid(got)
+            if reason is not None:
+                server.reject(got.worker, f"stop request: {reason}")
+                return False
+            self.on_stop_request(got.worker)
+            self.answer([got.worker])
             return False
         due = server.receive(got)
         self.pending.append(got.worker)

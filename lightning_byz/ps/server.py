@@ -154,7 +154,7 @@ class ParameterServer:
     # -- messages -----------------------------------------------------------------------------
     def receive(self, msg: Message) -> bool:
         """Validate and store ``msg``; return True when an update is due (call :meth:`update`)."""
-        reason = self._invalid(msg)
+        reason = self.invalid(msg)
         if reason is not None:
             self.reject(msg.worker, reason)
             return False
@@ -209,9 +209,12 @@ class ParameterServer:
         if self.rejected_by_worker[worker] <= 3:
             log.warning("server rejected a message from worker %s: %s", worker, reason)
 
-    def _invalid(self, msg: Message) -> str | None:
+    def invalid(self, msg: Message) -> str | None:
+        """Why ``msg`` is rejected (None: it is valid): sender, size, NaN/Inf, version, staleness."""
         if not isinstance(msg.worker, int) or not 1 <= msg.worker <= self.num_workers:
             return f"unknown sender {msg.worker!r}"
+        if msg.version > self.version:
+            return f"version {msg.version} from the future (server is at {self.version})"
         if msg.vector is None:
             return None
         if msg.vector.dim() != 1 or msg.vector.numel() != self.params.numel():
@@ -223,8 +226,6 @@ class ParameterServer:
                 return f"wrong buffer size: {msg.buffers.numel()} instead of {self.latest_buffers.shape[1]}"
             if bool(nonfinite_rows(msg.buffers[None]).any()):
                 return "non-finite values (NaN/Inf) in the buffers"
-        if msg.version > self.version:
-            return f"version {msg.version} from the future (server is at {self.version})"
         if self.max_staleness is not None and self.version - msg.version > self.max_staleness:
             return f"stale: computed at version {msg.version}, server at {self.version} (max_staleness {self.max_staleness})"
         return None

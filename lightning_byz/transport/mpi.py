@@ -4,7 +4,8 @@ Wire format (one message each way, raw bytes):
   worker -> server: int64 header [worker, step, version, flags] + payload (update [d] | buffers [b])
   server -> worker: int64 header [version, flags, h0, h1] + payload (params [d] | buffers [b]);
   h0, h1: the worker rule's scheduled hyper-parameters as float64 bits (unused ones 0)
-``flags`` on the way up: 0 an update, 1 nothing (dropped/lost: answer with the current parameters).
+``flags`` on the way up: 0 an update, 1 nothing (dropped/lost: answer with the current parameters),
+2 a stop request (the worker got SIGTERM; no payload).
 On the way down: 0 continue, 1 stop (the payload holds the final parameters).
 The transport owns this format: the server side yields :class:`Message` / :class:`Rejection`
 objects and takes :class:`Reply` objects; the worker side sends a ``Message`` and returns a ``Reply``.
@@ -16,11 +17,23 @@ are served least-recently-served first, so identical workers get the same share 
 per-worker host buffers; when a worker has not yet taken its previous reply (it sent again without
 receiving), the new reply is deferred, never waited for, so no worker can stall the server. The PyPI Open MPI is not CUDA-aware, so GPU
 tensors are staged through pinned host buffers; CPU tensors go to mpi4py as numpy views, no copy.
+
+**Liveness.** Every wait of a worker on the server is bounded: the server process sends a heartbeat
+(an empty message on ``TAG_ALIVE``) to every worker every few seconds from a thread, whatever its
+main thread does (serving, validating, saving a checkpoint), and a worker that hears nothing from the
+server for ``server_timeout`` seconds raises :class:`ServerSilentError` (its rank's exception then
+aborts the job) — counted from the first heartbeat, so a server still starting up (downloading its
+data) is waited for. This detects a server process that stopped (frozen, its node lost or cut off) that
+the MPI runtime has not noticed; a server stuck *inside* user code keeps beating (Lightning's
+``max_time`` or the scheduler's limit ends that). Needs ``MPI_THREAD_MULTIPLE`` (mpi4py asks for it);
+without it there is no heartbeat and workers wait unbounded, as before (logged).
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
+import threading
 import time
 from typing import Callable
 
@@ -35,8 +48,8 @@ log = logging.getLogger(__name__)
 
 HEADER = 4  # int64 words
 HEADER_BYTES = 8 * HEADER
-TAG_UP, TAG_DOWN, TAG_METRICS, TAG_TEXT = 11, 12, 13, 14
-UP_UPDATE, UP_NOTHING = 0, 1
+TAG_UP, TAG_DOWN, TAG_METRICS, TAG_TEXT, TAG_ALIVE = 11, 12, 13, 14, 15
+UP_UPDATE, UP_NOTHING, UP_STOP = 0, 1, 2
 DOWN_CONTINUE, DOWN_STOP = 0, 1
 DRAIN_EVERY = 256  # polls between two sweeps for messages on unexpected tags (and at every quiet poll)
 
@@ -57,13 +70,113 @@ def _wait(req: MPI.Request) -> None:
 
 def _poll_until(done: Callable[[], bool]) -> None:
     """Poll ``done`` with a short back-off (<= 1 ms) instead of MPI's busy wait: a waiting worker
-    then leaves the CPU to the server when ranks share cores (oversubscribed machines)."""
+    then leaves the CPU to the server when ranks share cores (oversubscribed machines). On a worker
+    that watches the server (:func:`watch_the_server`) the wait ends in :class:`ServerSilentError`
+    once the server has been silent for its timeout."""
     spins, pause = 0, 2e-5
+    next_check = time.monotonic() + WATCH_EVERY
     while not done():
         spins += 1
         if spins > 50:
             time.sleep(pause)
             pause = min(pause * 2, 1e-3)
+            if _watch is not None and time.monotonic() >= next_check:
+                _watch.check()
+                next_check = time.monotonic() + WATCH_EVERY
+
+
+class ServerSilentError(RuntimeError):
+    """The server (rank 0) sent nothing, not even a heartbeat, for longer than ``server_timeout``."""
+
+
+WATCH_EVERY = 0.1  # seconds between two looks for the server's heartbeat while a worker waits
+
+
+class ServerWatch:
+    """Worker: when the server's heartbeat was last taken, and the bound (heartbeats wait in MPI's
+    queue while the worker computes; they are taken before judging, so a long step is no silence)."""
+
+    def __init__(self, comm: MPI.Comm, timeout: float):
+        self.comm, self.timeout = comm, float(timeout)
+        self.last: float | None = None  # no heartbeat yet: the server may still be starting (no bound)
+        self._beat = np.empty(1, np.int64)
+
+    def check(self) -> None:
+        """Take the heartbeats that arrived; raise when the server, once heard, has been silent too long."""
+        while self.comm.Iprobe(source=0, tag=TAG_ALIVE):
+            self.comm.Recv([self._beat, MPI.INT64_T], source=0, tag=TAG_ALIVE)
+            self.last = time.monotonic()
+        if self.last is None:
+            return
+        silent = time.monotonic() - self.last
+        if silent > self.timeout:
+            raise ServerSilentError(
+                f"worker rank {self.comm.Get_rank()}: no word from the server (rank 0), not even its heartbeat, "
+                f"for {silent:.0f} s (server_timeout={self.timeout:g}): its process stopped or its node is "
+                "unreachable; ending this job (resume from the last checkpoint)"
+            )
+
+
+class Heartbeat:
+    """Server: a daemon thread that sends every worker an empty ``TAG_ALIVE`` message every
+    ``interval`` seconds (a worker still holding the previous one is skipped: nothing piles up)."""
+
+    def __init__(self, comm: MPI.Comm, interval: float):
+        self.comm, self.interval = comm, float(interval)
+        self._stop = threading.Event()
+        self._beat = np.zeros(1, np.int64)
+        self._sends = {w: MPI.REQUEST_NULL for w in range(1, comm.Get_size())}
+        self._thread = threading.Thread(target=self._run, name="lightning-byz-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            for w, req in self._sends.items():
+                if _completed(req):
+                    self._sends[w] = self.comm.Isend([self._beat, MPI.INT64_T], dest=w, tag=TAG_ALIVE)
+
+    def stop(self) -> None:
+        """End the thread and cancel the heartbeats nobody took (before MPI is finalised)."""
+        self._stop.set()
+        self._thread.join()
+        for req in self._sends.values():
+            if not _completed(req):
+                req.Cancel()
+
+
+_watch: ServerWatch | None = None
+_heartbeat: Heartbeat | None = None
+
+
+def _threads_ok() -> bool:
+    if MPI.Query_thread() >= MPI.THREAD_MULTIPLE:
+        return True
+    log.warning("MPI gives no MPI_THREAD_MULTIPLE: no server heartbeat, workers wait for the server unbounded")
+    return False
+
+
+def start_heartbeat(server_timeout: float) -> None:
+    """Server: beat (process-wide, once) often enough for workers that allow ``server_timeout`` s."""
+    global _heartbeat
+    if _heartbeat is None and under_mpi() and _threads_ok():
+        _heartbeat = Heartbeat(world(), interval=min(2.0, server_timeout / 5))
+        atexit.register(_heartbeat.stop)  # runs before mpi4py's MPI_Finalize (registered earlier)
+
+
+def watch_the_server(server_timeout: float) -> None:
+    """Worker: from now on (process-wide) every wait on the server is bounded by ``server_timeout``."""
+    global _watch
+    if _watch is None and under_mpi() and _threads_ok():
+        _watch = ServerWatch(world(), server_timeout)
+    if _watch is not None:
+        _watch.timeout = float(server_timeout)
+
+
+def duplicate(comm: MPI.Comm) -> MPI.Comm:
+    """``comm.Dup()`` whose wait is bounded as every worker wait on the server is."""
+    new, req = comm.Idup()
+    _wait(req)
+    return new
 
 
 class _Buffer:
@@ -179,10 +292,12 @@ class MPIServerTransport:
         sender, step, version, flags = (int(v) for v in buf.header)
         if sender != worker:
             return Rejection(worker, f"unknown sender: header claims worker {sender}, sent by rank {worker}")
-        if flags not in (UP_UPDATE, UP_NOTHING) or step < 0 or version < 0:
+        if flags not in (UP_UPDATE, UP_NOTHING, UP_STOP) or step < 0 or version < 0:
             return Rejection(worker, f"malformed header: step {step}, version {version}, flags {flags}")
-        if flags == UP_NOTHING:
-            return Message(worker, step, version, None)
+        if flags == UP_STOP and nbytes != HEADER_BYTES:
+            return Rejection(worker, f"malformed stop request of {nbytes} bytes")
+        if flags != UP_UPDATE:
+            return Message(worker, step, version, None, stop_request=flags == UP_STOP)
         payload = buf.payload[: (nbytes - HEADER_BYTES) // self.itemsize]
         if payload.numel() != self.d + self.b:  # the server rejects it by its size
             return Message(worker, step, version, payload.to(self.device))
@@ -278,7 +393,7 @@ class MPIWorkerTransport:
         """Send ``msg`` (vector None: an empty "nothing" message); return the server's reply."""
         reply = self.comm.Irecv([self.inp.bytes, MPI.BYTE], source=0, tag=TAG_DOWN)  # posted before the send
         if msg.vector is None:
-            self.out.header[:] = (msg.worker, msg.step, msg.version, UP_NOTHING)
+            self.out.header[:] = (msg.worker, msg.step, msg.version, UP_STOP if msg.stop_request else UP_NOTHING)
             _wait(self.comm.Isend([self.out.bytes[:HEADER_BYTES], MPI.BYTE], dest=0, tag=TAG_UP))
         else:
             d = msg.vector.numel()

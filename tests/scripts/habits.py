@@ -72,10 +72,14 @@ class DigitsMLP(L.LightningModule):
 
 
 class Preempted(L.Callback):
-    """Slurm preemption: every rank gets SIGTERM (here each sends it to itself at its step 30)."""
+    """Slurm preemption: every rank gets SIGTERM (here each sends it to itself at its step 30); with
+    ``only_rank``, that rank alone (someone kills one process)."""
+
+    def __init__(self, only_rank: int | None = None):
+        self.only_rank = only_rank
 
     def on_train_batch_end(self, trainer, *args):
-        if trainer.global_step == 30:
+        if trainer.global_step == 30 and self.only_rank in (None, trainer.global_rank):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
@@ -101,7 +105,7 @@ def main(argv=None) -> None:
     p.add_argument("--transport", default="auto")
     p.add_argument("--num-workers", type=int, default=None)
     p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--stop", choices=["early_stopping", "should_stop", "max_time", "sigterm"], default="early_stopping")
+    p.add_argument("--stop", choices=["early_stopping", "should_stop", "max_time", "sigterm", "sigterm_worker"], default="early_stopping")
     p.add_argument("--optimizer", choices=["onecycle", "mu2sgd"], default="onecycle")
     p.add_argument("--resume", default=None, help="a checkpoint to resume fit from")
     args = p.parse_args(argv)
@@ -111,8 +115,9 @@ def main(argv=None) -> None:
     checkpoint = ModelCheckpoint(dirpath=out.parent / "ckpt", monitor="val_acc", mode="max", save_top_k=2,
                                  save_last=True)
     callbacks = [checkpoint, LearningRateMonitor(logging_interval="step", log_momentum=True)]
-    if args.stop == "sigterm":
-        callbacks += [Preempted(), OnExceptionCheckpoint(dirpath=out.parent / "preempted")]
+    if args.stop.startswith("sigterm"):
+        only = 2 if args.stop == "sigterm_worker" else None
+        callbacks += [Preempted(only), OnExceptionCheckpoint(dirpath=out.parent / "preempted")]
     if args.stop == "early_stopping":
         callbacks.append(EarlyStopping(monitor="val_acc", mode="max", stopping_threshold=0.8, patience=100))
     beta = ScheduleBeta()

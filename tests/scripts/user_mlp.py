@@ -116,7 +116,8 @@ class RogueWorker(L.Callback, Fault):
 
 class Boom(L.Callback):
     """Test-only: raise on ``rank`` in ``phase`` (``validation`` on the server, ``callback`` a train
-    batch hook on any rank, ``worker_step`` a worker's training step)."""
+    batch hook on any rank, ``worker_step`` a worker's training step, ``checkpoint`` the server's
+    second checkpoint save; ``data_loader``: see :class:`ExplodingData`)."""
 
     def __init__(self, rank: int, phase: str):
         self.rank, self.phase = rank, phase
@@ -135,6 +136,49 @@ class Boom(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self.phase == "worker_step" and self._here(trainer) and batch_idx >= 5:
             raise RuntimeError("boom in a worker's training step")
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        if self.phase == "checkpoint" and self._here(trainer) and checkpoint["global_step"] > 50:
+            raise RuntimeError("boom while saving a checkpoint")
+
+
+class ExplodingData(torch.utils.data.Dataset):
+    """Test-only: the training data of MPI rank ``rank`` raises after 200 samples (a broken file)."""
+
+    def __init__(self, data, rank: int):
+        from mpi4py import MPI
+
+        self.data, self.here, self.served = data, MPI.COMM_WORLD.Get_rank() == rank, 0
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        self.served += 1
+        if self.here and self.served > 200:
+            raise OSError("boom in the data loader: unreadable sample")
+        return self.data[i]
+
+
+class Stall(L.Callback):
+    """Test-only, on the server: ``validation`` sleeps ``seconds`` in every validation (a long but
+    healthy phase); ``freeze`` stops the whole process (SIGSTOP: a hung node) at update 20."""
+
+    def __init__(self, phase: str, seconds: float):
+        self.phase, self.seconds = phase, seconds
+
+    def on_validation_batch_start(self, trainer, *args):
+        if self.phase == "validation" and trainer.is_global_zero:
+            import time
+
+            time.sleep(self.seconds)
+
+    def on_train_batch_end(self, trainer, *args):
+        if self.phase == "freeze" and trainer.is_global_zero and trainer.global_step == 20:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGSTOP)
 
 
 class MLP(L.LightningModule):
@@ -195,6 +239,9 @@ def main(argv=None) -> None:
     p.add_argument("--kill-worker", type=int, nargs=2, default=None, metavar=("WORKER", "STEP"))
     p.add_argument("--rogue-worker", type=int, default=None)
     p.add_argument("--boom", nargs=2, default=None, metavar=("RANK", "PHASE"))
+    p.add_argument("--stall", nargs=2, default=None, metavar=("PHASE", "SECONDS"))
+    p.add_argument("--server-timeout", type=float, default=300.0)
+    p.add_argument("--val-every", type=int, default=None, help="validate every N server updates")
     p.add_argument("--marker", default=None, help="file a malicious pickle would create")
     p.add_argument("--straggler", type=int, default=None)
     p.add_argument("--delay", type=float, default=0.0)
@@ -207,7 +254,7 @@ def main(argv=None) -> None:
     strategy = AsyncPSStrategy(
         aggregator=args.aggregator, mode=args.mode, transport=args.transport,
         num_workers=args.num_workers, worker_timeout=args.worker_timeout, seed=0,
-        worker_momentum=args.worker_momentum,
+        worker_momentum=args.worker_momentum, server_timeout=args.server_timeout,
     )
     callbacks = []
     if args.malformed_worker:
@@ -216,6 +263,8 @@ def main(argv=None) -> None:
         callbacks.append(KillSelf(*args.kill_worker))
     if args.boom:
         callbacks.append(Boom(int(args.boom[0]), args.boom[1]))
+    if args.stall:
+        callbacks.append(Stall(args.stall[0], float(args.stall[1])))
     if args.rogue_worker:
         callbacks.append(RogueWorker(args.rogue_worker, args.marker))
     if args.straggler:
@@ -225,10 +274,14 @@ def main(argv=None) -> None:
     trainer = L.Trainer(
         strategy=strategy, accelerator=args.accelerator, max_steps=args.steps, logger=False,
         enable_checkpointing=bool(args.ckpt_dir), enable_progress_bar=False, enable_model_summary=False,
-        callbacks=callbacks,
+        callbacks=callbacks, val_check_interval=args.val_every,
+        check_val_every_n_epoch=None if args.val_every else 1,
     )
     train, test = loaders()
-    trainer.fit(model, train, test if args.boom else None, ckpt_path=args.resume)
+    if args.boom and args.boom[1] == "data_loader":
+        train = DataLoader(ExplodingData(train.dataset, int(args.boom[0])), batch_size=32, shuffle=True)
+    validate = args.boom or args.stall or args.val_every
+    trainer.fit(model, train, test if validate else None, ckpt_path=args.resume)
     acc = trainer.test(model, test, verbose=False)[0]["test_acc"]
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     digest = hashlib.sha256(flat.numpy().tobytes()).hexdigest()
