@@ -184,7 +184,8 @@ class SimulatedRole(Role):
     def train_dataloader(self, dataloader: object) -> object:
         if not self.transport.streams:
             n, seed = self.strategy.num_workers, self.strategy.seed
-            self.transport.streams = [ShardStream(shard_loader(dataloader, n, i, seed)) for i in range(n)]
+            self.transport.streams = [ShardStream(shard_loader(dataloader, n, i, seed, partition=self.strategy.partition))
+                                      for i in range(n)]
             for stream, state in zip(self.transport.streams, self.stream_states):
                 stream.load_state_dict(state)
         return Ticks(len(dataloader))
@@ -346,7 +347,8 @@ class MPIWorkerRole(Role):
 
     def train_dataloader(self, dataloader: object) -> object:
         n, rank = self.strategy.num_workers, self.worker.worker
-        return FreshShard(shard_loader(dataloader, n, rank - 1, self.strategy.seed, keep_workers=True))
+        return FreshShard(shard_loader(dataloader, n, rank - 1, self.strategy.seed, keep_workers=True,
+                                       partition=self.strategy.partition))
 
     def training_step(self, args: tuple, kwargs: dict) -> Any:
         return self.strategy.user_training_step(self.worker.batch(args[0]), args, kwargs)

@@ -41,12 +41,13 @@ from lightning.pytorch.callbacks import Callback, Checkpoint, EarlyStopping, Tim
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import Tensor
 
 from lightning_byz.aggregators import get_aggregator
 from lightning_byz.arrivals import arrival_probabilities
+from lightning_byz.data.partition import Partition, dataset_labels
 from lightning_byz.evaluation import relay_evaluation, restore_on_worker
 from lightning_byz.faults.base import Fault, FaultSet
 from lightning_byz.launcher import device_for_rank
@@ -94,6 +95,10 @@ class AsyncPSStrategy(SingleDeviceStrategy):
             workers send gradients and any momentum runs in the user's optimizer on the server.
         worker_momentum_kind: ``"ema"`` (m = β·m + (1 − β)·g) or ``"heavy_ball"`` (m = β·m + g).
         double_momentum: allow ``worker_momentum`` with an optimizer that keeps momentum itself.
+        partition: how the training set is split among the workers: ``"iid"`` (equal random
+            shards), ``"dirichlet"`` (label skew Dir(``dirichlet_alpha``)) or ``"labels"``
+            (``classes_per_worker`` classes each); seeded, the same under MPI and simulated
+            (:mod:`lightning_byz.data.partition`).
 
     The optimizer: the server steps the user's own optimizer (any ``torch.optim`` one, its param
     groups and schedulers) with the aggregate as the gradient; ``Mu2SGD`` splits into STORM on the
@@ -121,6 +126,9 @@ class AsyncPSStrategy(SingleDeviceStrategy):
         worker_momentum: float | None = None,
         worker_momentum_kind: str = "ema",
         double_momentum: bool = False,
+        partition: str = "iid",
+        dirichlet_alpha: float = 0.5,
+        classes_per_worker: int = 2,
         aggregator_kwargs: dict[str, Any] | None = None,
         **kwargs: Any,
     ):
@@ -187,6 +195,7 @@ class AsyncPSStrategy(SingleDeviceStrategy):
         check_worker_momentum(worker_momentum, worker_momentum_kind)
         self.worker_momentum, self.worker_momentum_kind = worker_momentum, worker_momentum_kind
         self.double_momentum = bool(double_momentum)
+        self.partition = Partition(partition, dirichlet_alpha, classes_per_worker)
         self.faults = FaultSet()
         self.worker_fault_metrics: dict[str, float] = {}  # MPI server: the workers' fault counters at the end
         self.server: ParameterServer | None = None  # the server's state, on the server (kept after fit)
@@ -275,6 +284,9 @@ class AsyncPSStrategy(SingleDeviceStrategy):
         trainer = self.lightning_module.trainer
         if self._role is None or not trainer.training:
             return dataloader
+        if self.is_server and self.partition.scheme != "iid" and isinstance(dataloader, torch.utils.data.DataLoader):
+            labels = dataset_labels(dataloader.dataset)
+            rank_zero_info(self.partition.describe(labels, self.partition.split(labels, self.num_workers, self.seed)))
         return self._role.train_dataloader(dataloader)
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:

@@ -18,6 +18,7 @@ from lightning_byz.faults import (
     PacketLoss,
     Straggler,
     alie_z,
+    alie_z_weighted,
     byzantine_fraction,
     cat_map_period,
     workers_for_fraction,
@@ -56,6 +57,16 @@ def test_random_is_seeded_gaussian_of_std_scale():
     # sample std within ~6 standard errors of 100 (se of the std ≈ 100 / sqrt(2n))
     assert abs(out.std().item() - 100) < 6 * 100 / math.sqrt(2 * 200_000)
     assert abs(out.mean().item()) < 6 * 100 / math.sqrt(200_000)
+
+
+def test_random_uniform_is_seeded_uniform_on_zero_to_scale():
+    v = torch.zeros(200_000, dtype=torch.float64)
+    attack = setup(ByzantineWorkers([2], "random_uniform", scale=2.0), seed=7)
+    out = attack.on_worker_message(2, 5, v)
+    expected = torch.rand(200_000, generator=seeded_generator(7, "byzantine", 2, 5), dtype=torch.float64) * 2
+    assert torch.equal(out, expected) and 0 <= out.min() and out.max() < 2.0
+    assert abs(out.mean().item() - 1.0) < 6 * (2 / math.sqrt(12)) / math.sqrt(200_000)  # U[0, 2): mean 1
+    assert torch.equal(attack.on_worker_message(1, 5, v), v)  # an honest worker's vector is untouched
 
 
 def test_drop_sends_nothing():
@@ -116,14 +127,36 @@ def test_alie_replaces_byzantine_rows_with_weighted_mean_minus_z_std():
     assert not torch.allclose(unweighted[-1], out[-1])
 
 
-def test_alie_default_z_follows_baruch_et_al():
+def test_alie_z_rule_workers_follows_baruch_et_al():
     for n, f in [(17, 8), (9, 4), (15, 3), (50, 24)]:
         s = math.floor(n / 2 + 1) - f
         assert alie_z(n, f) == pytest.approx(norm.ppf((n - s) / n), rel=1e-12)
-    attack = setup(ByzantineWorkers([4, 5], "alie"), num_workers=5)
+    assert alie_z(17, 8) == pytest.approx(1.565, abs=1e-3)
+    attack = setup(ByzantineWorkers([4, 5], "alie", z_rule="workers"), num_workers=5)
     assert attack.z == pytest.approx(norm.ppf(4 / 5))  # n=5, f=2: s=1
     with pytest.raises(ValueError, match="z is undefined"):
-        setup(ByzantineWorkers([1, 2, 3, 4], "alie"), num_workers=5)
+        setup(ByzantineWorkers([1, 2, 3, 4], "alie", z_rule="workers"), num_workers=5)
+
+
+def released_code_z(total: int, byzantine: int) -> float:
+    """z of Dahan & Levy's released async ALIE, from iteration counts T and B (their formula)."""
+    s = math.floor(total / 2 + 1) - byzantine
+    return float(norm.ppf((total - byzantine - s) / (total - byzantine)))
+
+
+def test_alie_default_z_is_the_released_codes_from_the_byzantine_weight_share():
+    for lam in (0.1, 0.25, 1 / 3, 0.45):
+        total = 10**7
+        assert alie_z_weighted(lam) == pytest.approx(released_code_z(total, round(lam * total)), abs=1e-5)
+    assert alie_z_weighted(1 / 3) == pytest.approx(0.674, abs=1e-3) and alie_z_weighted(0.0) == 0.0
+    assert alie_z_weighted(0.5) == alie_z_weighted(0.9) == pytest.approx(norm.ppf(0.999))
+    attack = setup(ByzantineWorkers([4, 5], "alie"), num_workers=5)  # default rule: weights; λ = 0.3 here
+    assert attack.z is None
+    out = attack.server_attack(VECTORS, WEIGHTS, WORKERS)
+    mean, std = weighted_honest_stats()
+    np.testing.assert_allclose(out[3].numpy(), mean - norm.ppf(0.5 / 0.7) * std, rtol=1e-10)
+    with pytest.raises(ValueError, match="z_rule must be one of"):
+        ByzantineWorkers([1], "alie", z_rule="paper")
 
 
 def test_ipm_is_minus_eps_weighted_honest_mean():

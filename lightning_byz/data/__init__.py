@@ -3,6 +3,7 @@ network (the default), and MNIST / CIFAR-10 through torchvision."""
 
 from lightning_byz.data.base import DatasetMissingError, ImageDataModule
 from lightning_byz.data.offline import OfflineMNISTDataModule
+from lightning_byz.data.partition import Partition
 from lightning_byz.data.vision import CIFAR10DataModule, MNISTDataModule
 
 __all__ = [
@@ -11,4 +12,5 @@ __all__ = [
     "ImageDataModule",
     "MNISTDataModule",
     "OfflineMNISTDataModule",
+    "Partition",
 ]

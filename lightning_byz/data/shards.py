@@ -7,16 +7,23 @@ from typing import Any, Iterator
 
 from torch.utils.data import DataLoader, DistributedSampler
 
+from lightning_byz.data.partition import Partition, ShardSampler, dataset_labels
 
-def shard_loader(loader: DataLoader, shards: int, shard: int, seed: int, keep_workers: bool = False) -> DataLoader:
-    """A copy of ``loader`` over shard ``shard`` (0-based) of ``shards`` equal parts of its dataset.
+
+def shard_loader(loader: DataLoader, shards: int, shard: int, seed: int, keep_workers: bool = False,
+                 partition: Partition = Partition()) -> DataLoader:
+    """A copy of ``loader`` over shard ``shard`` (0-based) of ``shards`` parts of its dataset, split
+    as ``partition`` says (default: IID equal parts; :mod:`lightning_byz.data.partition`).
 
     ``keep_workers`` keeps the loader's worker processes (one real worker per process); the
     simulation loads in-process, since N loaders with their own worker pools would swamp a laptop.
     """
     if not isinstance(loader, DataLoader):
         raise ValueError(f"parameter-server training shards a torch DataLoader, got {type(loader).__name__}")
-    sampler = DistributedSampler(loader.dataset, num_replicas=shards, rank=shard, shuffle=True, seed=seed)
+    if partition.scheme == "iid":
+        sampler = DistributedSampler(loader.dataset, num_replicas=shards, rank=shard, shuffle=True, seed=seed)
+    else:
+        sampler = ShardSampler(partition.split(dataset_labels(loader.dataset), shards, seed)[shard], seed)
     workers = loader.num_workers if keep_workers else 0
     return DataLoader(
         loader.dataset,

@@ -6,7 +6,7 @@ strategy calls its hooks at the same points in MPI and simulated mode. Worker id
 (MPI ranks; the same numbers when simulated).
 """
 
-from lightning_byz.faults.attacks import ATTACKS, ByzantineWorkers, alie_z
+from lightning_byz.faults.attacks import ATTACKS, ByzantineWorkers, alie_z, alie_z_weighted
 from lightning_byz.faults.augmentation import NonlinearAugmentation, cat_map_period
 from lightning_byz.faults.base import Fault, FaultSet
 from lightning_byz.faults.network import PacketLoss
@@ -23,6 +23,7 @@ __all__ = [
     "PacketLoss",
     "Straggler",
     "alie_z",
+    "alie_z_weighted",
     "byzantine_fraction",
     "cat_map_period",
     "workers_for_fraction",

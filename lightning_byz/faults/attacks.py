@@ -4,14 +4,21 @@ Worker-side attacks, on the vector v a Byzantine worker is about to send:
 
 - ``label_flip`` (data level): labels y -> C − 1 − y on the Byzantine workers' batches.
 - ``sign_flip``: the worker sends −scale·v instead of its vector v.
-- ``random``: the worker sends i.i.d. Gaussian entries of std ``scale`` (FA's random gradients).
+- ``random``: the worker sends i.i.d. Gaussian entries of std ``scale`` (zero mean).
+- ``random_uniform``: i.i.d. entries uniform in [0, ``scale``): the Flag Aggregator's released code's
+  "random gradients" (``torch.rand``, scale 1), whose shared positive mean is harder to filter.
 - ``drop``: the worker sends nothing (the hook returns ``None``).
 
 Omniscient attacks, which replace every Byzantine row with one malicious vector m computed from the
 honest rows (μ and σ their per-coordinate weighted mean and standard deviation):
 
-- ``alie`` ("a little is enough", Baruch et al., NeurIPS 2019): m = μ − z·σ. Unless given,
-  z = Φ⁻¹((n − s)/n) with s = ⌊n/2 + 1⌋ − f (their §4, n workers, f Byzantine).
+- ``alie`` ("a little is enough", Baruch et al., NeurIPS 2019): m = μ − z·σ. Unless given, z follows
+  ``z_rule``: ``"weights"`` (the default; Dahan & Levy's released async code, which puts the
+  iteration counts in place of worker counts: s = ⌊T/2 + 1⌋ − B, z = Φ⁻¹((T − B − s)/(T − B)) for
+  T updates of which B Byzantine; after a few updates that is z = Φ⁻¹(1 / (2(1 − λ))) with λ the
+  Byzantine share of the server's weights, recomputed at each update: 0.67 at λ = 1/3) or
+  ``"workers"`` (the paper's §4: s = ⌊n/2 + 1⌋ − f, z = Φ⁻¹((n − s)/n) for n workers, f
+  Byzantine: 1.57 at n = 17, f = 8). At λ ≥ 1/2 the weights rule caps z at Φ⁻¹(0.999) ≈ 3.1.
 - ``ipm`` ("fall of empires", inner-product manipulation, Xie et al., UAI 2019): m = −eps·μ
   (eps = 0.1 as in Dahan & Levy's "empire").
 - ``min_max`` / ``min_sum`` (Shejwalkar & Houmansadr, "Manipulating the Byzantine: Optimizing Model
@@ -56,10 +63,13 @@ from lightning_byz.faults.batch import get_field, replace_field
 from lightning_byz.faults.common import WorkerFault, check_worker_ids
 
 ATTACKS = (
-    "label_flip", "sign_flip", "random", "drop", "alie", "ipm", "min_max", "min_sum", "mimic"
+    "label_flip", "sign_flip", "random", "random_uniform", "drop", "alie", "ipm", "min_max", "min_sum", "mimic"
 )
+WORKER_SIDE = ("sign_flip", "random", "random_uniform", "drop")
 OMNISCIENT = ("alie", "ipm", "min_max", "min_sum", "mimic")
 PERTURBATIONS = ("unit", "std", "sign")
+Z_RULES = ("weights", "workers")
+ALIE_CDF_CAP = 0.999  # z of the weights rule when the Byzantine hold half the weight or more
 
 
 def alie_z(num_workers: int, num_byzantine: int) -> float:
@@ -72,6 +82,13 @@ def alie_z(num_workers: int, num_byzantine: int) -> float:
             "0 < ⌊n/2+1⌋−f < n); pass z= explicitly"
         )
     return float(torch.special.ndtri(torch.tensor((n - s) / n, dtype=torch.float64)))
+
+
+def alie_z_weighted(byzantine_share: float) -> float:
+    """The released async code's z for a Byzantine share λ of the weights: Φ⁻¹(1 / (2(1 − λ)))
+    (capped at Φ⁻¹(0.999) for λ ≥ 1/2)."""
+    cdf = ALIE_CDF_CAP if byzantine_share >= 0.5 else min(0.5 / (1.0 - byzantine_share), ALIE_CDF_CAP)
+    return float(torch.special.ndtri(torch.tensor(cdf, dtype=torch.float64)))
 
 
 def weighted_mean_std(vectors: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
@@ -153,9 +170,13 @@ class ByzantineWorkers(WorkerFault):
         workers: worker ids (1..num_workers).
         attack: the attack's name.
         num_classes: C for ``label_flip`` (required there).
-        scale: factor of ``sign_flip``, standard deviation of ``random``; for the omniscient
+        scale: factor of ``sign_flip``, standard deviation of ``random``, upper end of
+            ``random_uniform``'s range; for the omniscient
             attacks the malicious vector becomes μ + scale·(m − μ) (1: the paper's attack).
-        z: ALIE's z; default Baruch et al.'s z_max for n = num_workers, f = len(workers).
+        z: ALIE's z; default: by ``z_rule``.
+        z_rule: ALIE's z when not given: ``"weights"`` (the released async code: from the Byzantine
+            share of the server's weights, each update) or ``"workers"`` (Baruch et al.'s z_max for
+            n = num_workers, f = len(workers)); see the module doc.
         eps: IPM's ε.
         target_key: where the labels are in a batch (position in a tuple/list, or a dict key).
         perturbation: min_max/min_sum's direction, one of :data:`PERTURBATIONS`.
@@ -182,14 +203,17 @@ class ByzantineWorkers(WorkerFault):
         perturbation: str = "unit",
         target_worker: int | None = None,
         flood: float = 1.0,
+        z_rule: str = "weights",
     ) -> None:
         super().__init__(workers)
         if attack not in ATTACKS:
             raise ValueError(f"unknown attack {attack!r}; choose one of {', '.join(ATTACKS)}")
         if attack == "label_flip" and (num_classes is None or num_classes < 2):
             raise ValueError(f"label_flip needs num_classes >= 2, got {num_classes!r}")
-        if not math.isfinite(scale) or (attack == "random" and scale < 0):
-            raise ValueError(f"{attack}: scale must be finite (and >= 0 for random), got {scale}")
+        if not math.isfinite(scale) or (attack.startswith("random") and scale < 0):
+            raise ValueError(f"{attack}: scale must be finite (and >= 0 for random noise), got {scale}")
+        if z_rule not in Z_RULES:
+            raise ValueError(f"alie: z_rule must be one of {Z_RULES}, got {z_rule!r}")
         if z is not None and not math.isfinite(z):
             raise ValueError(f"alie: z must be finite, got {z}")
         if not math.isfinite(eps):
@@ -215,6 +239,7 @@ class ByzantineWorkers(WorkerFault):
         self.target_worker = target_worker
         self.target_key = target_key
         self.z = z
+        self.z_rule = z_rule
 
     def arrival_rate(self, worker: int) -> float:
         return self.flood if worker in self.workers else 1.0
@@ -226,7 +251,7 @@ class ByzantineWorkers(WorkerFault):
                 f"mimic: target_worker {self.target_worker} out of range; worker ids are "
                 f"1..{num_workers}"
             )
-        if self.attack == "alie" and self.z is None:
+        if self.attack == "alie" and self.z is None and self.z_rule == "workers":
             self.z = alie_z(num_workers, len(self.workers))
 
     def on_worker_batch(self, worker: int, step: int, batch: Any) -> Any:
@@ -241,15 +266,15 @@ class ByzantineWorkers(WorkerFault):
         return replace_field(batch, self.target_key, self.num_classes - 1 - labels)
 
     def on_worker_message(self, worker: int, step: int, vector: Tensor) -> Tensor | None:
-        if self.attack not in ("sign_flip", "random", "drop") or not self.targets(worker):
+        if self.attack not in WORKER_SIDE or not self.targets(worker):
             return vector
         self.counts["messages_attacked"] += 1
         if self.attack == "drop":
             return None
         if self.attack == "sign_flip":
             return vector * -self.scale
-        generator = self.generator(worker, step)
-        noise = torch.randn(vector.shape, generator=generator, dtype=vector.dtype)
+        draw = torch.randn if self.attack == "random" else torch.rand
+        noise = draw(vector.shape, generator=self.generator(worker, step), dtype=vector.dtype)
         return noise.mul_(self.scale).to(vector.device)
 
     def server_attack(self, vectors: Tensor, weights: Tensor, workers: Tensor) -> Tensor:
@@ -261,20 +286,24 @@ class ByzantineWorkers(WorkerFault):
         honest = ~byzantine & (weights > 0)
         if not byzantine.any() or not honest.any():
             return vectors
-        row = self.malicious_vector(vectors[honest], weights[honest], workers[honest])
+        share = float(weights[byzantine].sum() / weights.sum())
+        row = self.malicious_vector(vectors[honest], weights[honest], workers[honest], share)
         if row is None:
             return vectors
         self.counts["server_attacks"] += 1
         return torch.where(byzantine[:, None], row[None, :], vectors)
 
-    def malicious_vector(self, honest: Tensor, weights: Tensor, workers: Tensor) -> Tensor | None:
+    def malicious_vector(self, honest: Tensor, weights: Tensor, workers: Tensor,
+                         byzantine_share: float = 0.0) -> Tensor | None:
         """The vector every Byzantine row becomes, from the ``honest`` rows (weights > 0) of
-        ``workers``; ``None`` when mimic's target has not been heard from."""
+        ``workers`` (``byzantine_share``: the Byzantine rows' share of the weights); ``None`` when
+        mimic's target has not been heard from."""
         mean, std = weighted_mean_std(honest, weights)
         if self.attack == "alie":
-            if self.z is None:
+            if self.z is None and self.z_rule == "workers":
                 raise ValueError("alie: z unknown; call setup_faults(num_workers, seed) or pass z=")
-            row = mean - self.z * std
+            z = self.z if self.z is not None else alie_z_weighted(byzantine_share)
+            row = mean - z * std
         elif self.attack == "ipm":
             row = -self.eps * mean
         elif self.attack == "mimic":
