@@ -169,6 +169,11 @@ class SimulatedRole(Role):
         self.flat = flat
         self.x = flat.params.detach().clone()  # the server's point; flat.params is the workers' scratch
         self.clock = ArrivalClock(strategy.arrival_q, strategy.sim_step_time, strategy.seed)
+        if strategy.byzantine_share is not None:
+            byzantine = strategy.faults.byzantine_workers()
+            if not byzantine:
+                raise ValueError("byzantine_share needs Byzantine workers: add a ByzantineWorkers callback")
+            self.clock.set_byzantine_share(byzantine, strategy.byzantine_share, strategy.byzantine_schedule)
         self.server = make_server(strategy, self.x, split, flat, 0, clock=lambda: self.clock.now)
         self.logging = ServerLogging(strategy, self.server)
         rules = [split.make_worker_rule() for _ in range(strategy.num_workers)]

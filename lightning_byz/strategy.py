@@ -46,7 +46,7 @@ from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero
 from torch import Tensor
 
 from lightning_byz.aggregators import get_aggregator
-from lightning_byz.arrivals import arrival_probabilities
+from lightning_byz.arrivals import SCHEDULES, arrival_probabilities
 from lightning_byz.data.partition import Partition, dataset_labels
 from lightning_byz.evaluation import relay_evaluation, restore_on_worker
 from lightning_byz.faults.base import Fault, FaultSet
@@ -95,6 +95,12 @@ class AsyncPSStrategy(SingleDeviceStrategy):
             workers send gradients and any momentum runs in the user's optimizer on the server.
         worker_momentum_kind: ``"ema"`` (m = β·m + (1 − β)·g) or ``"heavy_ball"`` (m = β·m + g).
         double_momentum: allow ``worker_momentum`` with an optimizer that keeps momentum itself.
+        byzantine_share: simulated: the fraction λ of all arrivals made by the workers the fault
+            callbacks mark Byzantine, whatever their speeds (the papers fix λ); within each group
+            arrivals follow ``arrival``. Default None: λ follows from ``arrival``.
+        byzantine_schedule: how that share is realised: ``"random"`` (each arrival Byzantine with
+            probability λ) or ``"interleave"`` (every ⌈1/λ⌉-th arrival, as the released code of
+            Dahan & Levy: 1/3 at λ = 0.4) (:mod:`lightning_byz.arrivals`).
         partition: how the training set is split among the workers: ``"iid"`` (equal random
             shards), ``"dirichlet"`` (label skew Dir(``dirichlet_alpha``)) or ``"labels"``
             (``classes_per_worker`` classes each); seeded, the same under MPI and simulated
@@ -126,6 +132,8 @@ class AsyncPSStrategy(SingleDeviceStrategy):
         worker_momentum: float | None = None,
         worker_momentum_kind: str = "ema",
         double_momentum: bool = False,
+        byzantine_share: float | None = None,
+        byzantine_schedule: str = "random",
         partition: str = "iid",
         dirichlet_alpha: float = 0.5,
         classes_per_worker: int = 2,
@@ -196,6 +204,13 @@ class AsyncPSStrategy(SingleDeviceStrategy):
         self.worker_momentum, self.worker_momentum_kind = worker_momentum, worker_momentum_kind
         self.double_momentum = bool(double_momentum)
         self.partition = Partition(partition, dirichlet_alpha, classes_per_worker)
+        if byzantine_share is not None and not (isinstance(byzantine_share, (int, float)) and 0 < byzantine_share < 1):
+            raise ValueError(f"byzantine_share must lie in (0, 1), got {byzantine_share!r}")
+        if byzantine_schedule not in SCHEDULES:
+            raise ValueError(f"byzantine_schedule must be one of {SCHEDULES}, got {byzantine_schedule!r}")
+        if byzantine_share is not None and self.transport == "mpi" and self.global_rank == 0:
+            warnings.warn("byzantine_share only shapes simulated runs; under MPI real timing decides who arrives")
+        self.byzantine_share, self.byzantine_schedule = byzantine_share, byzantine_schedule
         self.faults = FaultSet()
         self.worker_fault_metrics: dict[str, float] = {}  # MPI server: the workers' fault counters at the end
         self.server: ParameterServer | None = None  # the server's state, on the server (kept after fit)

@@ -69,6 +69,53 @@ def test_arrival_distribution_drives_who_arrives():
     assert torch.allclose(seen / seen.sum(), q.float(), atol=0.02)
 
 
+def _arrivals(clock: ArrivalClock, count: int) -> list[int]:
+    clock.start(lambda w, s: 0.0)
+    seen = []
+    for step in range(count):
+        seen.append(clock.next())
+        clock.schedule(seen[-1], step, lambda w, s: 0.0)
+    return seen
+
+
+@pytest.mark.parametrize("schedule, share, expected", [("random", 0.4, 0.4), ("interleave", 0.4, 1 / 3),
+                                                        ("interleave", 0.25, 0.25)])
+def test_a_fixed_byzantine_share_of_arrivals_whatever_their_speed(schedule, share, expected):
+    """Workers 1, 2 (the slowest under id2: λ = 5/30 by speed) are Byzantine; the clock gives them
+    the share λ of the arrivals (interleave: every ⌈1/λ⌉-th), and within each group arrivals
+    still follow id2."""
+    clock = ArrivalClock(arrival_probabilities("id2", 4), step_time=0.05, seed=1)
+    clock.set_byzantine_share([1, 2], share, schedule)
+    seen = torch.tensor(_arrivals(clock, 6000))
+    realised = float(torch.isin(seen, torch.tensor([1, 2])).double().mean())
+    assert realised == pytest.approx(expected, abs=0.02 if schedule == "random" else 1e-3)
+    if schedule == "interleave":
+        period = round(1 / expected)
+        assert all(int(w) in (1, 2) for w in seen[::period])  # the released code's pattern
+    honest = seen[seen > 2]
+    assert float((honest == 4).double().mean()) == pytest.approx(16 / 25, abs=0.03)  # id2 within {3, 4}
+    with pytest.raises(ValueError, match="byzantine_schedule must be one of"):
+        clock.set_byzantine_share([1], 0.5, "bursty")
+
+
+def test_byzantine_share_reaches_the_server_weights_in_a_simulated_fit():
+    from lightning_byz.faults import ByzantineWorkers
+
+    strategy = AsyncPSStrategy(aggregator="mean", transport="simulated", num_workers=6, arrival="id2",
+                               byzantine_share=0.4, seed=0)
+    trainer = _trainer(strategy, max_steps=600, callbacks=[ByzantineWorkers([1, 2], "sign_flip", scale=0.0)])
+    trainer.fit(_Model(), _loader())
+    counts = strategy.server.counts.double()
+    assert float(counts[:2].sum() / counts.sum()) == pytest.approx(0.4, abs=0.05)  # by speed: 5/91 = 0.05
+    for bad, message in [({"byzantine_share": 1.0}, "byzantine_share must lie in"),
+                         ({"byzantine_schedule": "x"}, "byzantine_schedule must be one of")]:
+        with pytest.raises(ValueError, match=message):
+            AsyncPSStrategy(transport="simulated", num_workers=3, **bad)
+    with pytest.raises(ValueError, match="needs Byzantine workers"):
+        _trainer(AsyncPSStrategy(transport="simulated", num_workers=3, byzantine_share=0.3), max_steps=5).fit(
+            _Model(), _loader())
+
+
 class _Model(L.LightningModule):
     def __init__(self, optimizer=torch.optim.SGD):
         super().__init__()
