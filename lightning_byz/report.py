@@ -111,7 +111,7 @@ def figures(grid: str) -> list[Figure]:
     no MeaMed, Phocas, Bulyan in the FA comparisons), ``tiny`` two short runs of two figures."""
     full = grid == "full"
     weighted = Figure(
-        "mnist_async_weighted", "Weighted vs unweighted (17 workers, 8 Byzantine, P ∝ i²)",
+        "mnist_async_weighted", "Weighted vs unweighted (17 workers, 8 Byzantine, P ∝ i², λ = 0.4)",
         "weighted beats unweighted (Dahan & Levy 2024, Fig. 1)", "mnist_async_weighted-offline.yaml",
         [Run(f"{'w-' if not unw else ''}{rule} / {attack}", rule_args(rule) + attack_args(attack), unw)
          for attack in ("sign_flip", "label_flip") for rule in ("cwmed", "rfa")[: 2 if full else 1]
@@ -129,11 +129,11 @@ def figures(grid: str) -> list[Figure]:
         weighted.runs, lam.runs = weighted.runs[:2], [lam.runs[0], lam.runs[len(sweep) - 1]]  # λ = 0, 7
         return [weighted, lam]
     ctma = Figure(
-        "mnist_ctma", "w-CTMA on/off (17 workers, 8 Byzantine, P ∝ i²)",
+        "mnist_ctma", "w-CTMA on/off (17 workers, 8 Byzantine, P ∝ i², λ = 0.4)",
         "w-CTMA helps most under empire (Dahan & Levy 2024, Fig. 2)", "mnist_ctma-offline.yaml",
         [Run(f"{name} / {attack}", agg + attack_args(attack))
          for attack in ("sign_flip", "alie", "ipm")
-         for name, agg in (("w-cwmed", rule_args("cwmed")), ("ctma(w-cwmed)", rule_args("ctma", base="cwmed", lam=0.2)))],
+         for name, agg in (("w-cwmed", rule_args("cwmed")), ("ctma(w-cwmed)", rule_args("ctma", base="cwmed", lam=0.4)))],
     )
     optim = Figure(
         "cifar10_mu2sgd", "μ²-SGD vs momentum vs SGD (9 workers, 4 Byzantine, P ∝ i, λ = 0.4)",

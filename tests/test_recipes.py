@@ -79,6 +79,22 @@ def test_flag_fault_recipes_follow_the_paper():
         assert [(type(f).__name__, f.workers) for f in faults(lam)] == [("ByzantineWorkers", (7,))]
 
 
+def test_recipes_follow_the_papers_protocols():
+    """Weight for Robustness (released code): 17 workers, 8 Byzantine sending λ = 0.4 of the updates
+    whatever their speed, batch 16, CTMA trimming at least λ; FA: uniform [0, 1) random gradients."""
+    for variant in ("", "-offline"):
+        for name in ("mnist_async_weighted", "mnist_ctma"):
+            cli = run_cli(["--config", str(ROOT / "recipes" / f"{name}{variant}.yaml")], run=False)
+            strategy = cli.trainer.strategy
+            assert (strategy.num_workers, strategy.byzantine_share, cli.datamodule.batch_size) == (17, 0.4, 16)
+            assert [f.workers for f in faults(cli)] == [tuple(range(1, 9))]
+            if name == "mnist_ctma":
+                assert strategy.aggregator.lam >= strategy.byzantine_share
+        for name in ("cifar10_flag", "cifar10_flag_lambda"):
+            cli = run_cli(["--config", str(ROOT / "recipes" / f"{name}{variant}.yaml")], run=False)
+            assert [(f.attack, f.scale) for f in faults(cli)] == [("random_uniform", 1.0)]
+
+
 def test_override_reaches_the_strategy():
     recipe = ROOT / "recipes" / "cifar10_flag-offline.yaml"
     cli = run_cli(["--config", str(recipe), "--trainer.strategy.init_args.aggregator=cwtm",
