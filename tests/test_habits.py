@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -174,6 +175,15 @@ def test_habits_simulated_should_stop_checkpoints_and_evaluation(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_simulated_run_stopped_by_sigterm_checkpoints_and_exits_143(tmp_path):
+    """The same preemption as under MPI, in one process: the checkpoint is written, the exit is 143."""
+    proc = subprocess.run([sys.executable, HABITS, "--out", str(tmp_path / "result"), "--transport", "simulated",
+                           "--num-workers", "3", "--stop", "sigterm", "--steps", "100000"],
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    assert torch.load(tmp_path / "preempted" / "on_exception.ckpt", weights_only=False)["global_step"] >= 30
+
+
 def test_scheduled_worker_hyperparameters_reach_simulated_workers(tmp_path):
     result = _run_simulated(tmp_path, "--optimizer", "mu2sgd", "--stop", "should_stop")
     assert result["betas"] == [0.5, 0.5, 0.5]  # set on the server's optimizer at step 20 only
