@@ -27,10 +27,15 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.fabric.utilities.cloud_io import get_filesystem
-from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.callbacks import Callback, Checkpoint
 from lightning.pytorch.trainer.states import TrainerFn
 
 log = logging.getLogger(__name__)
+
+
+def replace_callback(trainer: pl.Trainer, kind: type, callback: Callback | None = None) -> None:
+    """Drop the callbacks of type ``kind`` (a strategy's own, from an earlier fit); add ``callback``."""
+    trainer.callbacks[:] = [cb for cb in trainer.callbacks if type(cb) is not kind] + ([callback] if callback else [])
 
 
 class ServerCheckpoints(Checkpoint):
@@ -59,9 +64,7 @@ def receive_fit_end(trainer: pl.Trainer, comm) -> bool:
 
     end = json.loads(mpi.recv_text(comm))
     paths = end["checkpoints"]
-    trainer.callbacks[:] = [cb for cb in trainer.callbacks if not isinstance(cb, ServerCheckpoints)]
-    if paths:
-        trainer.callbacks.append(ServerCheckpoints(**{k: str(v) for k, v in paths.items()}))
+    replace_callback(trainer, ServerCheckpoints, ServerCheckpoints(**{k: str(v) for k, v in paths.items()}) if paths else None)
     return bool(end["interrupted"])
 
 

@@ -48,7 +48,7 @@ from torch import Tensor
 from lightning_byz.aggregators import get_aggregator
 from lightning_byz.arrivals import SCHEDULES, arrival_probabilities
 from lightning_byz.data.partition import Partition, dataset_labels
-from lightning_byz.evaluation import relay_evaluation, restore_on_worker
+from lightning_byz.evaluation import relay_evaluation, replace_callback, restore_on_worker
 from lightning_byz.faults.base import Fault, FaultSet
 from lightning_byz.launcher import device_for_rank
 from lightning_byz.optim.split import check_worker_momentum, split_optimizer
@@ -276,11 +276,11 @@ class AsyncPSStrategy(SingleDeviceStrategy):
         else:
             self._role = MPIWorkerRole(self, trainer, split, flat)
             _make_worker_loop(trainer)
-            _replace_callback(trainer, _WorkerStopsWithServer(self._role))
+            replace_callback(trainer, _WorkerStopsWithServer, _WorkerStopsWithServer(self._role))
             self.lr_scheduler_configs = []  # schedules act on the server's optimizer; a worker's never steps
         if self.is_server:
             self.server = self._role.server
-            _replace_callback(trainer, _ServerState(self))
+            replace_callback(trainer, _ServerState, _ServerState(self))
             warnings.filterwarnings("ignore", message=".*`training_step` returned `None`.*")
 
     @property
@@ -433,11 +433,6 @@ def _make_worker_loop(trainer: pl.Trainer) -> None:
     trainer.num_sanity_val_steps = 0
     server_only = (Checkpoint, EarlyStopping, Timer)
     trainer.callbacks[:] = [cb for cb in trainer.callbacks if not isinstance(cb, server_only)]
-
-
-def _replace_callback(trainer: pl.Trainer, callback: Callback) -> None:
-    """Add the strategy's ``callback``, replacing one of its kind from an earlier fit."""
-    trainer.callbacks[:] = [cb for cb in trainer.callbacks if type(cb) is not type(callback)] + [callback]
 
 
 class _WorkerStopsWithServer(Callback):
