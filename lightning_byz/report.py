@@ -63,11 +63,14 @@ class Run:
 
 @dataclass
 class Figure:
+    """One seed figure: its runs, and the pairs of runs (a, b) whose paired difference tests its claim."""
+
     name: str
     title: str
     claim: str
     recipe: str
     runs: list[Run]
+    compare: list[tuple[str, str]] = field(default_factory=list)
 
 
 def rule_args(name: str, **kwargs) -> list[str]:
@@ -106,16 +109,22 @@ def _flag_rules(grid: str, n: int, f: int, extra: tuple[str, ...] = ()) -> list[
     return [Run(label, overrides) for label, overrides in rules]
 
 
+def _versus(runs: list[Run], first: str) -> list[tuple[str, str]]:
+    """``first`` against every other run of the figure."""
+    return [(first, run.label) for run in runs if run.label != first]
+
+
 def figures(grid: str) -> list[Figure]:
     """The runs of each seed figure: ``full`` all, ``small`` a cut (one base rule / attack less, fewer λ,
     no MeaMed, Phocas, Bulyan in the FA comparisons), ``tiny`` two short runs of two figures."""
     full = grid == "full"
+    attacks, bases = ("sign_flip", "label_flip"), ("cwmed", "rfa")[: 2 if full else 1]
     weighted = Figure(
         "mnist_async_weighted", "Weighted vs unweighted (17 workers, 8 Byzantine, P ∝ i², λ = 0.4)",
         "weighted beats unweighted (Dahan & Levy 2024, Fig. 1)", "mnist_async_weighted-offline.yaml",
         [Run(f"{'w-' if not unw else ''}{rule} / {attack}", rule_args(rule) + attack_args(attack), unw)
-         for attack in ("sign_flip", "label_flip") for rule in ("cwmed", "rfa")[: 2 if full else 1]
-         for unw in (False, True)],
+         for attack in attacks for rule in bases for unw in (False, True)],
+        [(f"w-{rule} / {attack}", f"{rule} / {attack}") for attack in attacks for rule in bases],
     )
     sweep = (0, 0.1, 0.5, 1, 3, 7, 14) if full else (0, 0.1, 0.5, 1, 7)  # the paper suggests λ = Θ(p)
     lam = Figure(
@@ -124,38 +133,48 @@ def figures(grid: str) -> list[Figure]:
         "cifar10_flag_lambda-offline.yaml",
         [Run(f"fa, λ = {value}", rule_args("fa", lam=value)) for value in sweep]
         + [Run(name, rule_args(name, lam=round(1 / 7, 6))) for name in ("multikrum", "bulyan")],
+        [(f"fa, λ = {value}", other) for value in sweep for other in ("multikrum", "bulyan")],
     )
     if grid == "tiny":
         weighted.runs, lam.runs = weighted.runs[:2], [lam.runs[0], lam.runs[len(sweep) - 1]]  # λ = 0, 7
+        weighted.compare, lam.compare = weighted.compare[:1], [("fa, λ = 0", "fa, λ = 7")]
         return [weighted, lam]
+    ctma_attacks = ("sign_flip", "alie", "ipm")
     ctma = Figure(
         "mnist_ctma", "w-CTMA on/off (17 workers, 8 Byzantine, P ∝ i², λ = 0.4)",
         "w-CTMA helps most under empire (Dahan & Levy 2024, Fig. 2)", "mnist_ctma-offline.yaml",
         [Run(f"{name} / {attack}", agg + attack_args(attack))
-         for attack in ("sign_flip", "alie", "ipm")
+         for attack in ctma_attacks
          for name, agg in (("w-cwmed", rule_args("cwmed")), ("ctma(w-cwmed)", rule_args("ctma", base="cwmed", lam=0.4)))],
+        [(f"ctma(w-cwmed) / {attack}", f"w-cwmed / {attack}") for attack in ctma_attacks],
     )
+    optim_attacks = ("sign_flip", "ipm")[: 2 if full else 1]
     optim = Figure(
         "cifar10_mu2sgd", "μ²-SGD vs momentum vs SGD (9 workers, 4 Byzantine, P ∝ i, λ = 0.4)",
         "μ²-SGD ≈ momentum ≫ SGD (Dahan & Levy 2024, Fig. 3)", "cifar10_mu2sgd-offline.yaml",
         [Run(f"{opt} / {attack}", OPTIMIZER_ARGS[opt] + attack_args(attack))
-         for attack in ("sign_flip", "ipm")[: 2 if full else 1] for opt in ("mu2sgd", "momentum", "sgd")],
+         for attack in optim_attacks for opt in ("mu2sgd", "momentum", "sgd")],
+        [(f"{a} / {attack}", f"{b} / {attack}") for attack in optim_attacks
+         for a, b in (("mu2sgd", "sgd"), ("momentum", "sgd"), ("mu2sgd", "momentum"))],
     )
+    flag_runs = _flag_rules(grid, 15, 3)
     flag = Figure(
         "cifar10_flag", "FA vs robust rules, f = 3 of 15 send random gradients (sync)",
         "FA beats the others under random gradients (FA paper, Figs. 4-5)", "cifar10_flag-offline.yaml",
-        _flag_rules(grid, 15, 3),
+        flag_runs, _versus(flag_runs, "fa"),
     )
+    loss_runs = _flag_rules(grid, 15, 3, extra=("mean",))
     loss = Figure(
         "cifar10_flag_packet_loss", "FA vs robust rules, 10% packet loss on 3 of 15 links (sync)",
         "FA converges to a higher accuracy than the others under packet loss (FA paper, Fig. 6a)",
-        "cifar10_flag_packet_loss-offline.yaml", _flag_rules(grid, 15, 3, extra=("mean",)),
+        "cifar10_flag_packet_loss-offline.yaml", loss_runs, _versus(loss_runs, "fa"),
     )
+    augmentation_runs = _flag_rules(grid, 15, 3, extra=("mean",))
     augmentation = Figure(
         "cifar10_flag_augmentation", "FA vs robust rules, 3 of 15 workers train on augmented data (sync)",
         "FA handles nonlinear augmentation on the Byzantine workers more stably than the others "
         "(FA paper, Fig. 7)",
-        "cifar10_flag_augmentation-offline.yaml", _flag_rules(grid, 15, 3, extra=("mean",)),
+        "cifar10_flag_augmentation-offline.yaml", augmentation_runs, _versus(augmentation_runs, "fa"),
     )
     return [weighted, ctma, optim, flag, loss, augmentation, lam]
 
@@ -208,6 +227,22 @@ def summarise(curves: list[Curve]) -> dict[str, dict[str, float]] | None:
     return {"final": spread([c[-1][1] for c in curves]), "best": spread([max(a for _, a in c) for c in curves])}
 
 
+def paired(a: list[Curve], b: list[Curve]) -> dict[str, float] | None:
+    """Final accuracy of run ``a`` minus run ``b``, seed by seed (same arrivals, shards and init):
+    the spread of the differences, how many seeds ``a`` wins, and the effect in units of the runs'
+    seed spread (mean difference / the larger std of the two runs' final accuracies; 0 when both
+    are constant). None where a run has no evaluation."""
+    finals_a, finals_b = summarise(a), summarise(b)
+    if finals_a is None or finals_b is None:
+        return None
+    diffs = [ca[-1][1] - cb[-1][1] for ca, cb in zip(a, b)]
+    stats = spread(diffs)
+    noise = max(finals_a["final"]["std"], finals_b["final"]["std"])
+    stats["wins"] = sum(d > 0 for d in diffs)
+    stats["effect"] = stats["mean"] / noise if noise > 0 else 0.0
+    return stats
+
+
 def plot(figure: Figure, curves: dict[str, list[Curve]], path: Path) -> None:
     """Mean accuracy vs step per run; with several seeds a shaded min–max band."""
     import matplotlib
@@ -232,21 +267,34 @@ def plot(figure: Figure, curves: dict[str, list[Curve]], path: Path) -> None:
     plt.close(fig)
 
 
-def format_cell(stat: dict[str, float] | None) -> str:
+def format_cell(stat: dict[str, float] | None, signed: bool = False) -> str:
     if stat is None:
         return "n/a"
+    form = "+.3f" if signed else ".3f"
     if stat["min"] == stat["max"]:
-        return f"{stat['mean']:.3f}"
-    return f"{stat['mean']:.3f} [{stat['min']:.3f}, {stat['max']:.3f}]"
+        return f"{stat['mean']:{form}}"
+    return f"{stat['mean']:{form}} [{stat['min']:{form}}, {stat['max']:{form}}]"
 
 
-def table(figure: Figure, summary: dict[str, dict | None], seeds: int) -> str:
-    """Markdown: the claim, then final and best accuracy per run (mean [min, max] over seeds)."""
+def table(figure: Figure, summary: dict[str, dict | None], seeds: int,
+          comparisons: dict[tuple[str, str], dict | None] | None = None) -> str:
+    """Markdown: the claim, final and best accuracy per run (mean [min, max] over seeds), then the
+    figure's paired comparisons (see :func:`paired`)."""
     over = f" (mean [min, max] over {seeds} seeds)" if seeds > 1 else ""
     lines = [f"### {figure.title}", "", f"Claim: {figure.claim}. Recipe: `recipes/{figure.recipe}`.", "",
              f"| run | final acc{over} | best acc{over} |", "|---|---|---|"]
     for label, stats in summary.items():
         lines.append(f"| {label} | {format_cell(stats and stats['final'])} | {format_cell(stats and stats['best'])} |")
+    if comparisons:
+        lines += ["", f"Paired by seed: final accuracy of a − b{over}, seeds a wins, and the effect in seed "
+                  "spreads (mean difference / the larger std of a's and b's final accuracy):", "",
+                  "| a | b | a − b | wins | effect |", "|---|---|---|---|---|"]
+        for (a, b), stats in comparisons.items():
+            if stats is None:
+                lines.append(f"| {a} | {b} | n/a | n/a | n/a |")
+            else:
+                lines.append(f"| {a} | {b} | {format_cell(stats, signed=True)} | {stats['wins']}/{seeds} | "
+                             f"{stats['effect']:+.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -286,15 +334,17 @@ def report(grid: str = "small", out: str | Path = "docs/report", recipes: Path |
                 print(f"[report] {figure.name}: {run.label} (seed {seed}): {curves[run.label][-1][-1:]} "
                       f"({time.monotonic() - start:.0f} s)", flush=True)
         summary = {label: summarise(runs) for label, runs in curves.items()}
+        comparisons = {(a, b): paired(curves[a], curves[b]) for a, b in figure.compare}
         plot(figure, curves, out / f"{figure.name}.png")
         (out / f"{figure.name}.md").write_text(
-            table(figure, summary, seeds) + f"\n![{figure.name}]({figure.name}.png)\n")
+            table(figure, summary, seeds, comparisons) + f"\n![{figure.name}]({figure.name}.png)\n")
         results[figure.name] = {
             "grid": grid,
             "steps": max((c[-1][0] for runs in curves.values() for c in runs if c), default=0),  # last evaluated
             "seeds": list(range(seeds)), "claim": figure.claim,
             "recipe": figure.recipe, "wall_s": round(time.monotonic() - figure_start, 1),
-            "summary": summary, "curves": curves}
+            "summary": summary, "paired": [{"a": a, "b": b, **(stats or {})} for (a, b), stats in comparisons.items()],
+            "curves": curves}
         (out / f"{figure.name}.json").write_text(json.dumps(results[figure.name], indent=1))
     return results
 

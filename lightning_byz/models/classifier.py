@@ -18,25 +18,29 @@ from lightning_byz.models.nets import build_net
 OPTIMIZERS = ("sgd", "momentum", "adamw", "mu2sgd")
 
 
-def parse_lr_schedule(spec: str | None) -> tuple[str, tuple[float, ...]] | None:
-    """``None`` | ``"cosine"`` (over all training steps) | ``"step:EPOCHS:GAMMA"`` (e.g. ``step:10:0.2``)."""
+def parse_lr_schedule(spec: str | None) -> tuple[str, tuple] | None:
+    """``None`` | ``"cosine"`` (over all training steps) | ``"step:EVERY:GAMMA[:UNIT]"``: the lr times
+    GAMMA every EVERY epochs (``UNIT`` ``epoch``, the default, e.g. ``step:10:0.2``) or server steps
+    (``step``: a paper's "every 10 epochs" of all workers' data is 10·|data| / (workers·batch) rounds,
+    while a server epoch is |data| / batch updates)."""
     if spec is None:
         return None
     kind, *args = spec.split(":")
     try:
         if kind == "cosine" and not args:
             return "cosine", ()
-        if kind == "step" and len(args) == 2:
-            epochs, gamma = int(args[0]), float(args[1])
-            if epochs >= 1 and 0 < gamma <= 1:
-                return "step", (epochs, gamma)
+        if kind == "step" and len(args) in (2, 3):
+            every, gamma, unit = int(args[0]), float(args[1]), (args[2:] or ["epoch"])[0]
+            if every >= 1 and 0 < gamma <= 1 and unit in ("epoch", "step"):
+                return "step", (every, gamma, unit)
     except ValueError:
         pass
-    raise ValueError(f"lr_schedule {spec!r}: expected None, 'cosine' or 'step:EPOCHS:GAMMA' (e.g. 'step:10:0.2')")
+    raise ValueError(f"lr_schedule {spec!r}: expected None, 'cosine' or 'step:EVERY:GAMMA[:epoch|step]' "
+                     "(e.g. 'step:10:0.2')")
 
 
 class ImageClassifier(L.LightningModule):
-    """Classify images with ``net`` (``mnist_cnn`` | ``resnet18`` | ``mlp``; ``net_kwargs`` go to it).
+    """Classify images with ``net`` (``mnist_cnn`` | ``cifar_cnn`` | ``resnet18`` | ``mlp``; ``net_kwargs`` go to it).
 
     ``optimizer``: ``sgd`` (plain), ``momentum`` (SGD with ``momentum``), ``adamw`` (AdamW with
     ``weight_decay``) or ``mu2sgd`` (``lightning_byz.optim.Mu2SGD`` with STORM ``beta`` and AnyTime
@@ -110,5 +114,5 @@ class ImageClassifier(L.LightningModule):
             sched = {"scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps), "interval": "step"}
         else:
             sched = {"scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=args[0], gamma=args[1]),
-                     "interval": "epoch"}
+                     "interval": args[2]}
         return {"optimizer": opt, "lr_scheduler": sched}

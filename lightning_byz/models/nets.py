@@ -9,17 +9,19 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 
-class MNISTNet(nn.Module):
-    """The Dahan & Levy MNIST net: conv(20, 5x5) – conv(50, 5x5) – fc(50) – BN – fc(classes).
+class SmallCNN(nn.Module):
+    """The Dahan & Levy nets: conv(20, 5x5) – conv(50, 5x5) – fc(50) – BN – fc(classes).
 
-    Each conv is followed by ReLU and 2x2 max-pooling (LeNet shape); input ``[N, 1, 28, 28]``.
+    Each conv is followed by ReLU and 2x2 max-pooling (LeNet shape). ``mnist_cnn``: input
+    ``[N, 1, 28, 28]``; ``cifar_cnn`` (their CIFAR-10 net, Fig. 3): ``[N, 3, 32, 32]``.
     """
 
-    def __init__(self, num_classes: int = 10) -> None:
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: int = 28) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(1, 20, 5)
+        self.conv1 = nn.Conv2d(in_channels, 20, 5)
         self.conv2 = nn.Conv2d(20, 50, 5)
-        self.fc1 = nn.Linear(50 * 4 * 4, 50)
+        side = ((image_size - 4) // 2 - 4) // 2  # two (5x5 conv, 2x2 pool) stages
+        self.fc1 = nn.Linear(50 * side * side, 50)
         self.bn = nn.BatchNorm1d(50)
         self.fc2 = nn.Linear(50, num_classes)
 
@@ -76,7 +78,11 @@ class ResNet18(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-NETS: dict[str, Callable[..., nn.Module]] = {"mnist_cnn": MNISTNet, "resnet18": ResNet18, "mlp": MLP}
+def cifar_cnn(num_classes: int = 10) -> SmallCNN:
+    return SmallCNN(num_classes, in_channels=3, image_size=32)
+
+
+NETS: dict[str, Callable[..., nn.Module]] = {"mnist_cnn": SmallCNN, "cifar_cnn": cifar_cnn, "resnet18": ResNet18, "mlp": MLP}
 
 
 def build_net(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
