@@ -15,7 +15,7 @@ wait ``worker_timeout`` (60 virtual seconds of arrivals) for the droppers to cou
 into ``attack_gallery.md`` between its generated-block markers, keeping the text around them.
 
     python benchmarks/attack_gallery.py --grid small --seeds 1 --out /tmp/gallery   # 9 cells, < 1 min
-    python benchmarks/attack_gallery.py --grid full --seeds 3 --out docs/
+    python benchmarks/attack_gallery.py --grid full --seeds 3 --jobs 2 --out docs/
 """
 
 from __future__ import annotations
@@ -161,45 +161,65 @@ def write_block(path: Path, block: str) -> None:
     path.write_text(f"{head}{BEGIN}\n{block}\n{END}{rest.partition(END)[2]}")
 
 
+_data = None  # this process's datamodule, set up by its first cell and reused by the next ones
+
+
+def _run_task(task: tuple[str, str, int, int]) -> tuple[tuple[str, str, int], float | None, float | None, str | None]:
+    """One (rule, attack, seed) cell, in this process: its accuracy and Byzantine share, or its error."""
+    global _data
+    rule, attack, seed, steps = task
+    start = time.monotonic()
+    try:
+        accuracy, share, _data = run_cell(rule, attack, steps, seed, _data)
+    except Exception as err:  # a failing rule is a result of the gallery, reported in the table
+        print(f"[gallery] {rule} / {attack} (seed {seed}): ERROR {err}", flush=True)
+        return (rule, attack, seed), None, None, f"{type(err).__name__}: {err}"
+    print(f"[gallery] {rule} / {attack} (seed {seed}): {accuracy:.3f} ({time.monotonic() - start:.1f} s)", flush=True)
+    return (rule, attack, seed), accuracy, share, None
+
+
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
 def gallery(grid_name: str = "small", seeds: int = 3, steps: int | None = None,
-            out: str | Path = "docs") -> dict:
-    """Run every cell of ``grid_name`` for seeds 0..``seeds``−1; write the table, heatmap and JSON."""
-    if seeds < 1 or (steps is not None and steps < 1):
-        raise ValueError(f"--seeds and --steps must be >= 1, got {seeds} and {steps}")
+            out: str | Path = "docs", jobs: int = 1) -> dict:
+    """Run every cell of ``grid_name`` for seeds 0..``seeds``−1, in ``jobs`` processes (each cell is
+    seeded, so the results do not depend on ``jobs``); write the table, heatmap and JSON."""
+    if seeds < 1 or jobs < 1 or (steps is not None and steps < 1):
+        raise ValueError(f"--seeds, --steps and --jobs must be >= 1, got {seeds}, {steps} and {jobs}")
     steps = STEPS[grid_name] if steps is None else steps
     rules, attacks = grid(grid_name)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    accuracies = {r: {a: [] for a in attacks} for r in rules}
-    byzantine_share = {r: {a: [] for a in attacks} for r in rules}
-    errors: dict[str, str] = {}
-    data, start = None, time.monotonic()
-    for rule in rules:
-        for attack in attacks:
-            for seed in range(seeds):
-                cell_start = time.monotonic()
-                try:
-                    accuracy, share, data = run_cell(rule, attack, steps, seed, data)
-                except Exception as err:  # a failing rule is a result of the gallery, reported in the table
-                    errors[f"{rule} / {attack} / seed {seed}"] = f"{type(err).__name__}: {err}"
-                    accuracies[rule][attack] = []
-                    print(f"[gallery] {rule} / {attack} (seed {seed}): ERROR {err}", flush=True)
-                    break
-                accuracies[rule][attack].append(accuracy)
-                byzantine_share[rule][attack].append(share)
-                print(f"[gallery] {rule} / {attack} (seed {seed}): {accuracy:.3f} "
-                      f"({time.monotonic() - cell_start:.1f} s)", flush=True)
+    tasks = [(rule, attack, seed, steps) for rule in rules for attack in attacks for seed in range(seeds)]
+    start = time.monotonic()
+    if jobs == 1:
+        done = [_run_task(task) for task in tasks]
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(jobs, multiprocessing.get_context("spawn"), initializer=_one_thread) as pool:
+            done = list(pool.map(_run_task, tasks))
     wall = time.monotonic() - start
+    cells = {key: (accuracy, share, error) for key, accuracy, share, error in done}
+    errors = {f"{r} / {a} / seed {s}": error for (r, a, s), (_, _, error) in cells.items() if error}
+    failed = {(r, a) for (r, a, _), (_, _, error) in cells.items() if error}  # a cell with any failed seed
+    accuracies = {r: {a: [] if (r, a) in failed else [cells[r, a, s][0] for s in range(seeds)] for a in attacks}
+                  for r in rules}
+    byzantine_share = {r: {a: [] if (r, a) in failed else [cells[r, a, s][1] for s in range(seeds)]
+                           for a in attacks} for r in rules}
     means = {r: {a: (sum(v) / len(v) if v else None) for a, v in row.items()} for r, row in accuracies.items()}
     title = (f"Final accuracy, {NUM_WORKERS} workers, {len(BYZANTINE)} Byzantine (λ ≈ {LAM:.2f}), "
              f"{steps} steps, mean of {seeds} seed{'s' * (seeds > 1)}")
     heatmap(rules, attacks, means, out / "attack_gallery.png", title)
-    cell_s = wall / (len(rules) * len(attacks) * seeds)
+    cell_s = wall * jobs / len(tasks)
     provenance = (f"Produced by `python benchmarks/attack_gallery.py --grid {grid_name} --seeds {seeds} "
-                  f"--steps {steps}` in {wall / 60:.1f} min ({cell_s:.1f} s per run, "
+                  f"--steps {steps} --jobs {jobs}` in {wall / 60:.1f} min ({cell_s:.1f} s per run and process, "
                   f"`torch.set_num_threads(1)`).")
     write_block(out / "attack_gallery.md", table(rules, attacks, accuracies, byzantine_share, seeds, provenance))
-    results = {"grid": grid_name, "seeds": list(range(seeds)), "steps": steps, "num_workers": NUM_WORKERS,
+    results = {"grid": grid_name, "seeds": list(range(seeds)), "steps": steps, "jobs": jobs, "num_workers": NUM_WORKERS,
                "byzantine": BYZANTINE, "lam": LAM, "flood": FLOOD, "flood_attack": FLOOD_ATTACK, "fair_cap": FAIR_CAP,
                "wall_s": round(wall, 1), "cell_s": round(cell_s, 2),
                "rules": {r: RULES[r] for r in rules}, "attacks": {a: attack_overrides(a) for a in attacks},
@@ -216,10 +236,12 @@ def main(args: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3, metavar="K", help="seeds 0..K-1 per cell (default 3)")
     parser.add_argument("--steps", type=int, metavar="N", help=f"server steps per cell (default {STEPS})")
     parser.add_argument("--out", default="docs", help="output directory (default docs/)")
+    parser.add_argument("--jobs", type=int, default=1, metavar="J",
+                        help="cells run in J processes at once, one thread each (default 1: in this process)")
     opts = parser.parse_args(args)
-    torch.set_num_threads(1)  # the cells run one after another, one thread each
+    _one_thread()
     try:
-        results = gallery(opts.grid, opts.seeds, opts.steps, opts.out)
+        results = gallery(opts.grid, opts.seeds, opts.steps, opts.out, opts.jobs)
     except ValueError as err:
         parser.error(str(err))
     print(f"[gallery] {results['wall_s']:.0f} s, {results['cell_s']:.1f} s per cell; written to {opts.out}")

@@ -1,4 +1,4 @@
-"""``benchmarks/attack_gallery.py``: the small grid end to end (3 rules x 3 attacks, 20 steps, seed 0,
+"""``benchmarks/attack_gallery.py``: the small grid end to end in 2 processes (3 rules x 3 attacks, 20 steps, seed 0,
 about 10 s on a quiet 2-core machine) and the generated block of the markdown."""
 
 from __future__ import annotations
@@ -8,6 +8,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
 
 SCRIPT = Path(__file__).parent.parent / "benchmarks" / "attack_gallery.py"
 
@@ -20,7 +22,7 @@ def load_gallery():
 
 
 def test_small_grid_writes_every_cell_and_the_mean_breaks_under_random_gradients(tmp_path):
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--grid", "small", "--seeds", "1", "--out", str(tmp_path)],
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--grid", "small", "--seeds", "1", "--jobs", "2", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     gallery = load_gallery()
@@ -38,8 +40,15 @@ def test_small_grid_writes_every_cell_and_the_mean_breaks_under_random_gradients
     for rule in rules:
         (row,) = [line for line in markdown.splitlines() if line.startswith(f"| {rule} |")]
         assert row.count("|") == len(attacks) + 2 and "error" not in row
-    assert "--grid small --seeds 1 --steps 20" in markdown
+    assert "--grid small --seeds 1 --steps 20 --jobs 2" in markdown
     assert (tmp_path / "attack_gallery.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as every gallery process
+    try:
+        _, again, _, error = gallery._run_task(("cwmed", "random", 0, 20))  # in this process, as --jobs 1 runs it
+    finally:
+        torch.set_num_threads(threads)
+    assert error is None and again == accuracy["cwmed"]["random"]  # a cell's result is its seed's, wherever it ran
 
 
 def test_the_generated_block_replaces_only_itself(tmp_path):
