@@ -88,6 +88,7 @@ def test_recipes_follow_the_papers_protocols():
             cli = run_cli(["--config", str(ROOT / "recipes" / f"{name}{variant}.yaml")], run=False)
             strategy = cli.trainer.strategy
             assert (strategy.num_workers, strategy.byzantine_share, cli.datamodule.batch_size) == (17, 0.4, 16)
+            assert strategy.worker_momentum == 0.9  # the paper's EMA momentum on the workers
             assert [f.workers for f in faults(cli)] == [tuple(range(1, 9))]
             if name == "mnist_ctma":
                 assert strategy.aggregator.lam >= strategy.byzantine_share
