@@ -7,6 +7,8 @@ the classic equivalence.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from fractions import Fraction
 
 import numpy as np
@@ -276,6 +278,19 @@ def test_cpu_kernel_matches_torch_path(monkeypatch, dtype):
                     torch_path = make(name, 3 / 11)(X, weights)
                 tol = 1e-5 if dtype == torch.float32 else 1e-12
                 torch.testing.assert_close(kernel[cols], torch_path[cols], rtol=tol, atol=tol)
+
+
+def test_the_kernel_keeps_torchs_thread_count():
+    """In a fresh interpreter (numba's OpenMP pool not started yet) torch set to one thread stays on
+    one after the kernel's first run; starting the pool used to set it to numba's count (all cores)."""
+    code = ("import torch\n"
+            "from lightning_byz.aggregators import get_aggregator\n"
+            "torch.set_num_threads(1)\n"
+            "get_aggregator('cwmed')(torch.randn(9, 600), torch.rand(9))\n"
+            "print(torch.get_num_threads())\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["1"]
 
 
 @pytest.mark.parametrize("name", RULES)
