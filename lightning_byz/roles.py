@@ -28,6 +28,7 @@ from lightning_byz.data.shards import ShardStream, Ticks, shard_loader
 from lightning_byz.evaluation import receive_fit_end, send_fit_end
 from lightning_byz.optim.split import OptimizerSplit
 from lightning_byz.ps import FlatModel, Message, ParameterServer, Reply, ServeLoop, WorkerStep
+from lightning_byz.sharding import ShardLayout
 
 if TYPE_CHECKING:
     from lightning_byz.strategy import AsyncPSStrategy
@@ -77,6 +78,7 @@ def make_server(strategy: AsyncPSStrategy, params: torch.Tensor, split: Optimize
         min_workers=strategy.min_workers,
         max_staleness=strategy.max_staleness,
         max_weight=strategy.max_weight,
+        layout=ShardLayout(params.numel(), strategy.num_servers),
     )
 
 

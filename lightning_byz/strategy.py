@@ -105,6 +105,10 @@ class AsyncPSStrategy(SingleDeviceStrategy):
             shards), ``"dirichlet"`` (label skew Dir(``dirichlet_alpha``)) or ``"labels"``
             (``classes_per_worker`` classes each); seeded, the same under MPI and simulated
             (:mod:`lightning_byz.data.partition`).
+        num_servers: S >= 1 server shards, each owning a contiguous 1/S slice of the parameters and
+            of every worker's latest vector and aggregating it in its own thread; every rule stays
+            exact (cross-shard Gram matrices, :mod:`lightning_byz.sharding`). Simulated runs only so
+            far (under MPI: one server rank).
 
     The optimizer: the server steps the user's own optimizer (any ``torch.optim`` one, its param
     groups and schedulers) with the aggregate as the gradient; ``Mu2SGD`` splits into STORM on the
@@ -137,6 +141,7 @@ class AsyncPSStrategy(SingleDeviceStrategy):
         partition: str = "iid",
         dirichlet_alpha: float = 0.5,
         classes_per_worker: int = 2,
+        num_servers: int = 1,
         aggregator_kwargs: dict[str, Any] | None = None,
         **kwargs: Any,
     ):
@@ -211,6 +216,12 @@ class AsyncPSStrategy(SingleDeviceStrategy):
         if byzantine_share is not None and self.transport == "mpi" and self.global_rank == 0:
             warnings.warn("byzantine_share only shapes simulated runs; under MPI real timing decides who arrives")
         self.byzantine_share, self.byzantine_schedule = byzantine_share, byzantine_schedule
+        if isinstance(num_servers, bool) or not isinstance(num_servers, int) or num_servers < 1:
+            raise ValueError(f"num_servers must be an integer >= 1, got {num_servers!r}")
+        if num_servers > 1 and self.transport == "mpi":
+            raise ValueError(f"num_servers={num_servers}: sharded servers run in the simulation only so far; "
+                             "under MPI rank 0 is the one server (num_servers=1)")
+        self.num_servers = num_servers
         self.faults = FaultSet()
         self.worker_fault_metrics: dict[str, float] = {}  # MPI server: the workers' fault counters at the end
         self.server: ParameterServer | None = None  # the server's state, on the server (kept after fit)

@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from lightning_byz.sharding import shard_max, shard_sum
+
 AggregatorFn = Callable[..., Tensor]
 
 _REGISTRY: dict[str, type["Aggregator"]] = {}
@@ -184,7 +186,7 @@ def gram(X: Tensor, center: bool | Tensor | Callable[[Tensor], Tensor] = False,
             if scale is not None:
                 B.mul_(scale[:, None])
         G += B @ B.T
-    return G
+    return shard_sum(G)
 
 
 def row_scales(X: Tensor) -> Tensor:
@@ -194,7 +196,7 @@ def row_scales(X: Tensor) -> Tensor:
     cosines at full precision whatever their magnitudes (1e-300 or 1e300; zero rows keep scale 1).
     One pass over X.
     """
-    top = X.abs().amax(dim=1).to(torch.float64)
+    top = shard_max(X.abs().amax(dim=1).to(torch.float64))
     return torch.ldexp(torch.ones_like(top), -torch.frexp(top).exponent).masked_fill_(top == 0, 1.0)
 
 

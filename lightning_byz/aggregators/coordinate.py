@@ -17,6 +17,7 @@ defined here, and the tests hold them to each other.
 from __future__ import annotations
 
 import functools
+import threading
 
 import numba
 import numpy as np
@@ -29,6 +30,7 @@ from lightning_byz.aggregators.base import Aggregator, check_lam, combine, regis
 # The CPU kernel's network grows as n log^2 n, yet at n = 128 / 256 / 512 (d = 1e5, weighted median) it
 # still ran 16x / 22x / 17x faster than the torch.sort path; the cap only bounds its per-block buffers.
 KERNEL_MAX_N = 1024
+_KERNEL_LOCK = threading.Lock()
 BLOCK_COLUMNS = 1 << 16  # columns per block of the torch path on CPU: bounds its temporary memory
 
 
@@ -99,13 +101,14 @@ def _kernel(X: Tensor, w: Tensor, center: int, lam: float = 0.0, keep: float = 0
     dtype = out.numpy().dtype
     consts = np.array([lam, 1.0 - lam, 1.0 - 2.0 * lam, keep, snap_tolerance(n, X.dtype), 0.5, 0.0], dtype=dtype)
     bits = np.empty(0, dtype=f"int{8 * dtype.itemsize}")
-    torch_threads = torch.get_num_threads()
-    numba.set_num_threads(min(torch_threads, numba.config.NUMBA_NUM_THREADS))
-    coordinate_cpu.coordinate_rule(X.numpy(), w.detach().contiguous().numpy(), not _is_uniform(w),
-                                   _pair_array(sorting_network(n)), _pair_array(bitonic_merger(n)),
-                                   center, consts, bits, out.numpy())
-    if torch.get_num_threads() != torch_threads:  # numba's first launch of its OpenMP pool resets it
-        torch.set_num_threads(torch_threads)
+    with _KERNEL_LOCK:  # numba's threading layers need not support concurrent launches (shard threads)
+        torch_threads = torch.get_num_threads()
+        numba.set_num_threads(min(torch_threads, numba.config.NUMBA_NUM_THREADS))
+        coordinate_cpu.coordinate_rule(X.numpy(), w.detach().contiguous().numpy(), not _is_uniform(w),
+                                       _pair_array(sorting_network(n)), _pair_array(bitonic_merger(n)),
+                                       center, consts, bits, out.numpy())
+        if torch.get_num_threads() != torch_threads:  # numba's first launch of its OpenMP pool resets it
+            torch.set_num_threads(torch_threads)
     return out
 
 

@@ -43,6 +43,7 @@ from lightning_byz.aggregators.base import (
     weighted_lower_median,
 )
 from lightning_byz.aggregators.coordinate import closest_to_center_mean, weighted_median
+from lightning_byz.sharding import shard_sum
 
 _EPS = 1e-12  # slack for comparing weight masses computed in float64
 # A row whose squared distance from the centre exceeds this is infinitely far: below it, sums of two
@@ -505,7 +506,7 @@ class CTMA(Aggregator):
             dist2 = _sq_dists_to(self.base.coefficients(G, wh), G)
         else:
             x0 = self.base._aggregate(X, w)
-            dist2 = torch.linalg.vector_norm(X - x0, dim=1).to("cpu", torch.float64)
+            dist2 = shard_sum(torch.linalg.vector_norm(X - x0, dim=1, dtype=torch.float64).square_()).cpu()
             wh = w.to("cpu", torch.float64)
         c = _mass_order_mean(dist2, wh, 1.0 - self.lam)
         return combine(c.to(X.device), X)

@@ -44,7 +44,10 @@ scale = 1 (the default) is the paper's attack and scale = 0 sends the honest mea
 The omniscient attacks run in the server's attack slot over the latest vector of each worker,
 weighted as the server weighs them (async: s_i / Σ s_j), so they use the WEIGHTED honest
 statistics; σ² = Σ w_i (x_i − μ)² / Σ w_i over honest rows (the population form), and honest rows
-of weight 0 count as absent. Distances and principal directions are computed in float64.
+of weight 0 count as absent. Distances and principal directions are computed in float64. On a sharded
+server each server attacks its own slice; the statistics that span coordinates (‖μ‖, distances,
+Gram matrices) are summed across the shards (:mod:`lightning_byz.sharding`), so the attack is the
+same as on one server.
 
 The Byzantine fraction λ of the updates the server receives is not set here: in simulated mode it
 follows from the arrival schedule, see :mod:`lightning_byz.faults.schedule`.
@@ -61,6 +64,7 @@ from torch import Tensor
 
 from lightning_byz.faults.batch import get_field, replace_field
 from lightning_byz.faults.common import WorkerFault, check_worker_ids
+from lightning_byz.sharding import shard_rank, shard_sum
 
 ATTACKS = (
     "label_flip", "sign_flip", "random", "random_uniform", "drop", "alie", "ipm", "min_max", "min_sum", "mimic"
@@ -111,7 +115,7 @@ def perturbation_direction(kind: str, mean: Tensor, std: Tensor) -> Tensor:
         return -std
     if kind == "sign":
         return -mean.sign()
-    norm = torch.linalg.vector_norm(mean, dtype=torch.float64).item()
+    norm = float(shard_sum(mean.to(torch.float64).square().sum()).sqrt())
     return -mean / norm if norm > 0 else torch.zeros_like(mean)
 
 
@@ -122,13 +126,13 @@ def min_max_gamma(centered: Tensor, p: Tensor) -> float:
     largest honest distance). γ = 0 satisfies it (μ lies in the rows' convex hull), so each row
     allows γ up to the larger root of its quadratic; γ is the smallest of those roots.
     """
-    a = p.dot(p)
+    a = shard_sum(p.dot(p))
     if a <= 0:
         return 0.0
-    gram = centered @ centered.T
+    gram = shard_sum(centered @ centered.T)
     norms = gram.diagonal()
     largest = (norms[:, None] + norms[None, :] - 2 * gram).max()
-    b = centered @ p
+    b = shard_sum(centered @ p)
     c = (norms - largest).clamp_max(0)  # <= 0 in exact arithmetic
     s = (b.square() - a * c).sqrt()
     # larger root (b + s)/a, written without cancellation when b < 0
@@ -142,10 +146,10 @@ def min_sum_gamma(centered: Tensor, p: Tensor) -> float:
     μ being the weighted mean, Σ_j w_j ‖y − x_j‖² = ‖y − μ‖² + V for any y (V = Σ_j w_j ‖x_j − μ‖²,
     weights summing to 1), so the constraint reads γ²‖p‖² <= max_i ‖x_i − μ‖².
     """
-    a = p.dot(p)
+    a = shard_sum(p.dot(p))
     if a <= 0:
         return 0.0
-    return (centered.square().sum(1).max() / a).sqrt().item()
+    return (shard_sum(centered.square().sum(1)).max() / a).sqrt().item()
 
 
 def mimic_index(centered: Tensor, weights: Tensor) -> int:
@@ -157,7 +161,7 @@ def mimic_index(centered: Tensor, weights: Tensor) -> int:
     the choice independent of the eigenvector's sign.
     """
     root = (weights / weights.sum()).sqrt()
-    gram = centered @ centered.T
+    gram = shard_sum(centered @ centered.T)
     _, eigenvectors = torch.linalg.eigh(root[:, None] * gram * root[None, :])
     projections = gram @ (root * eigenvectors[:, -1])
     return int(projections.abs().argmax())
@@ -290,7 +294,8 @@ class ByzantineWorkers(WorkerFault):
         row = self.malicious_vector(vectors[honest], weights[honest], workers[honest], share)
         if row is None:
             return vectors
-        self.counts["server_attacks"] += 1
+        if shard_rank() == 0:  # one attack, however many shards carry it out
+            self.counts["server_attacks"] += 1
         return torch.where(byzantine[:, None], row[None, :], vectors)
 
     def malicious_vector(self, honest: Tensor, weights: Tensor, workers: Tensor,

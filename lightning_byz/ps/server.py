@@ -36,6 +36,13 @@ aggregate is non-finite, or so large that the server step could overflow, or who
 refuses (fewer than it needs), is skipped and counted by reason (``skipped``), logged with the
 workers involved; training goes on. An empty message (a drop) is no sign of life: a worker that
 only ever drops goes silent after ``worker_timeout`` and stops holding up the warm-up.
+
+**Sharding.** With a :class:`~lightning_byz.sharding.ShardLayout` of S servers, the workers' latest
+vectors are kept as S column blocks, and each update aggregates every block in its own thread,
+reducing the few cross-shard values the rule needs (Gram matrices, the overflow guard's maximum,
+the attack slot's statistics) at a barrier (:mod:`lightning_byz.sharding`). Who is in the update, the
+weights, the version and every verdict are decided once, for all shards, as with one server; the
+server rule then steps the whole point (every rule it runs is element-wise: slices step alike).
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ import logging
 import math
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import torch
@@ -53,6 +61,7 @@ from lightning_byz.aggregators import Aggregator, check_inputs
 from lightning_byz.aggregators.base import nonfinite_rows
 from lightning_byz.aggregators.coordinate import weighted_median
 from lightning_byz.ps.messages import Message
+from lightning_byz.sharding import ShardLayout, run_on_shards, shard_max
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +86,8 @@ class ParameterServer:
         min_workers: distinct workers heard before the first update (default: all).
         max_staleness: reject updates more than this many versions old (default: no limit).
         max_weight: cap on one worker's async weight, in (0, 1] (default: no cap).
+        layout: how the coordinates are sharded among servers (default: one server); every shard's
+            rows are kept apart and aggregated by its own thread (see "Sharding" above).
     """
 
     def __init__(
@@ -95,6 +106,7 @@ class ParameterServer:
         min_workers: int | None = None,
         max_staleness: int | None = None,
         max_weight: float | None = None,
+        layout: ShardLayout | None = None,
     ):
         if mode not in ("async", "sync"):
             raise ValueError(f"mode must be 'async' or 'sync', got {mode!r}")
@@ -118,7 +130,13 @@ class ParameterServer:
         self.attack = attack
         self.clock = clock
         d, dev, dt = params.numel(), params.device, params.dtype
-        self.latest = torch.zeros(num_workers, d, dtype=dt, device=dev)
+        self.layout = ShardLayout(d, 1) if layout is None else layout
+        if self.layout.numel != d:
+            raise ValueError(f"the shard layout covers {self.layout.numel} parameters, the model has {d}")
+        # every worker's latest vector, one [num_workers, slice] block per shard
+        self.latest = [torch.zeros(num_workers, self.layout.size(k), dtype=dt, device=dev)
+                       for k in range(self.layout.num_servers)]
+        self._pool = ThreadPoolExecutor(self.layout.num_servers) if self.layout.num_servers > 1 else None
         self.latest_buffers = torch.zeros(num_workers, buffers_numel, dtype=dt, device=dev)
         self.counts = torch.zeros(num_workers, dtype=torch.long)
         self.triggered = torch.zeros(num_workers, dtype=torch.long)  # async updates each worker triggered
@@ -132,6 +150,7 @@ class ParameterServer:
         self.lost = 0
         self.skipped: Counter[str] = Counter()
         self.staleness: list[int] = []
+        self._attack_rejections: dict[int, str] = {}  # rows the attack slot broke in this update
 
     @staticmethod
     def check_options(num_workers: int, quorum: int | None, min_workers: int | None,
@@ -166,7 +185,8 @@ class ParameterServer:
         if msg.worker in self.silent:
             self.silent.discard(msg.worker)
             log.warning("worker %d is back after a silence; counted again", msg.worker)
-        self.latest[i].copy_(msg.vector, non_blocking=True)
+        for rows, part in zip(self.latest, self.layout.split(msg.vector)):
+            rows[i].copy_(part, non_blocking=True)
         if self.latest_buffers.shape[1] and msg.buffers is not None:
             self.latest_buffers[i].copy_(msg.buffers, non_blocking=True)
         if self.warm:
@@ -268,26 +288,19 @@ class ParameterServer:
         if len(workers) == 0:
             raise RuntimeError("no active worker to aggregate (all silent)")
         w = self.weights(workers)
-        vectors = self.latest if len(workers) == self.num_workers else self.latest[workers - 1]
-        if self.attack is not None:
-            vectors, w, workers = self._checked_attack(vectors, w, workers)
-        try:
-            if isinstance(self.aggregator, Aggregator):  # rows were validated on arrival
-                direction = self.aggregator.aggregate_checked(vectors, w)
-            else:
-                direction = self.aggregator(vectors, w)
-        except ValueError as exc:  # e.g. fewer rows than the rule needs (krum: n > 2f + 2)
-            self._skip(f"the rule refused the rows: {exc}", workers)
-            return workers
-        if direction.untyped_storage().data_ptr() == self.latest.untyped_storage().data_ptr():
-            direction = direction.clone()  # the server rule may modify it; the stored rows must stay
         lr = self.lr()
-        lo, hi = torch.aminmax(direction)  # one pass, no temporary; NaN propagates
-        largest = float(torch.maximum(-lo, hi)) * self.server_rule.step_scale(lr)
-        if not largest < torch.finfo(self.params.dtype).max / 4:
-            reason = "non-finite aggregate" if not math.isfinite(largest) else "aggregate too large for the server step"
-            self._skip(reason, workers)
+        scale = self.server_rule.step_scale(lr)
+        outcomes = run_on_shards(lambda k: self._aggregate_shard(k, workers, w, scale),
+                                 self.layout.num_servers, self._pool)
+        parts, used, problem = zip(*outcomes)
+        workers = used[0]
+        for worker, reason in self._attack_rejections.items():
+            self.reject(worker, reason)
+        self._attack_rejections.clear()
+        if problem[0] is not None:
+            self._skip(problem[0], workers)
             return workers
+        direction = parts[0] if len(parts) == 1 else torch.cat(parts)
         self.server_rule.step([self.params], [direction], lr)
         self.version += 1
         self.round.clear()
@@ -303,13 +316,39 @@ class ParameterServer:
         self.round.clear()
         self.warm = True
 
-    def _checked_attack(self, vectors: Tensor, w: Tensor, workers: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Run the attack slot; rows it made non-finite are left out (as on arrival) and counted."""
+    def _aggregate_shard(self, k: int, workers: Tensor, w: Tensor, scale: float):
+        """Shard ``k``'s slice of the aggregate, the workers it used (the attack slot may leave some out)
+        and why the update must be skipped (None: apply it). Every shard reaches the same verdict:
+        it is taken from values reduced across the shards."""
+        rows = self.latest[k]
+        vectors = rows if len(workers) == self.num_workers else rows[workers - 1]
+        if self.attack is not None:
+            vectors, w, workers = self._checked_attack(k, vectors, w, workers)
+        try:
+            if isinstance(self.aggregator, Aggregator):  # rows were validated on arrival
+                direction = self.aggregator.aggregate_checked(vectors, w)
+            else:
+                direction = self.aggregator(vectors, w)
+        except ValueError as exc:  # e.g. fewer rows than the rule needs (krum: n > 2f + 2)
+            return None, workers, f"the rule refused the rows: {exc}"
+        if direction.untyped_storage().data_ptr() == rows.untyped_storage().data_ptr():
+            direction = direction.clone()  # the server rule may modify it; the stored rows must stay
+        lo, hi = torch.aminmax(direction)  # one pass, no temporary; NaN propagates
+        largest = float(shard_max(torch.maximum(-lo, hi).to(torch.float64))) * scale
+        if not largest < torch.finfo(self.params.dtype).max / 4:
+            reason = "non-finite aggregate" if not math.isfinite(largest) else "aggregate too large for the server step"
+            return None, workers, reason
+        return direction, workers, None
+
+    def _checked_attack(self, k: int, vectors: Tensor, w: Tensor, workers: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Run the attack slot on shard ``k``; rows it made non-finite on any shard are left out (as on
+        arrival) and counted once."""
         vectors = self.attack(vectors, w, workers)
-        bad = nonfinite_rows(vectors)
+        bad = shard_max(nonfinite_rows(vectors).to(torch.float64)) > 0
         if bool(bad.any()):
-            for worker in workers[bad.cpu()].tolist():
-                self.reject(worker, "non-finite values (NaN/Inf) in the update")
+            if k == 0:
+                for worker in workers[bad.cpu()].tolist():
+                    self._attack_rejections[worker] = "non-finite values (NaN/Inf) in the update"
             keep = ~bad
             vectors, w, workers = vectors[keep], w[keep] / w[keep].sum(), workers[keep.cpu()]
         return vectors, w, workers
@@ -342,7 +381,8 @@ class ParameterServer:
     def state_dict(self) -> dict:
         return {
             "params": self.params.detach().cpu().clone(),
-            "latest": self.latest.cpu().clone(),
+            "latest": torch.cat(self.latest, dim=1).cpu(),
+            "num_servers": self.layout.num_servers,
             "latest_buffers": self.latest_buffers.cpu().clone(),
             "counts": self.counts.clone(),
             "triggered": self.triggered.clone(),
@@ -356,13 +396,17 @@ class ParameterServer:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        if state["latest"].shape != self.latest.shape:
+        expected = (self.num_workers, self.layout.numel)
+        saved_servers, servers = int(state.get("num_servers", 1)), self.layout.num_servers
+        if tuple(state["latest"].shape) != expected or saved_servers != servers:
             raise ValueError(
-                f"checkpoint holds {tuple(state['latest'].shape)} worker vectors, this server expects "
-                f"{tuple(self.latest.shape)}: same model and number of workers needed to resume"
+                f"checkpoint holds {tuple(state['latest'].shape)} worker vectors on {saved_servers} server(s), "
+                f"this run has {expected} on {servers} server(s): resume with the same model, number of "
+                "workers and num_servers"
             )
         self.params.copy_(state["params"])
-        self.latest.copy_(state["latest"])
+        for rows, part in zip(self.latest, self.layout.split(state["latest"])):
+            rows.copy_(part)
         self.latest_buffers.copy_(state["latest_buffers"])
         self.counts.copy_(state["counts"])
         self.triggered.copy_(state.get("triggered", torch.zeros_like(self.triggered)))

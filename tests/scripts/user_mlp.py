@@ -248,13 +248,14 @@ def main(argv=None) -> None:
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "mu2sgd", "adamw"])
     p.add_argument("--worker-momentum", type=float, default=None)
     p.add_argument("--accelerator", default="cpu")
+    p.add_argument("--num-servers", type=int, default=1)
     args = p.parse_args(argv)
     torch.manual_seed(0)
     model = MLP(momentum=args.momentum, optimizer=args.optimizer)
     strategy = AsyncPSStrategy(
         aggregator=args.aggregator, mode=args.mode, transport=args.transport,
         num_workers=args.num_workers, worker_timeout=args.worker_timeout, seed=0,
-        worker_momentum=args.worker_momentum, server_timeout=args.server_timeout,
+        worker_momentum=args.worker_momentum, server_timeout=args.server_timeout, num_servers=args.num_servers,
     )
     callbacks = []
     if args.malformed_worker:
@@ -287,7 +288,7 @@ def main(argv=None) -> None:
     digest = hashlib.sha256(flat.numpy().tobytes()).hexdigest()
     rank = strategy.global_rank
     result = {"rank": rank, "acc": acc, "params": digest, "global_zero": trainer.is_global_zero,
-              "global_step": trainer.global_step}
+              "global_step": trainer.global_step, "param_head": flat[:32].tolist(), "param_l2": float(flat.norm())}
     if strategy.server is not None:
         server = strategy.server
         result.update(counts=server.counts.tolist(), rejected=dict(server.rejected), version=server.version,
