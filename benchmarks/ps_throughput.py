@@ -18,6 +18,16 @@ Rates are exchanges (updates) per second, best of ``--repeats`` rounds. ``ideal`
 Target (docs/benchmarks.md): PS/ideal >= 0.70 at d = 1e6.
 
     .venv/bin/python benchmarks/ps_throughput.py [--d 1e5 1e6 1.1e7] [--workers 4 8] [--seconds 3]
+
+``--servers 1 2 4`` measures the sharded server instead (:mod:`lightning_byz.sharding`), for each
+``--shards D:N`` configuration and ``--rules``: every server's share of one update (aggregating its
+d/S slice of the N latest vectors, cross-shard reductions included, then the server step on its
+slice) as that server thread's CPU time (``time.thread_time``: on a machine with fewer cores than
+servers the wall clock cannot show the split), the slowest server counting; each server's bytes
+received per update (its slices of the message, counted from the wire format, plus the other
+servers' partial Gram matrices for rules that need them); and the Gram reduction among S real MPI
+ranks (an all-gather of S x N x N float64, summed in rank order). Everything is printed as a ratio to
+S = 1 measured in the same run; target: slowest server <= 1.2/S of S = 1 plus the reduction.
 """
 
 from __future__ import annotations
@@ -172,6 +182,121 @@ def inner(args: argparse.Namespace) -> None:
     comm.Free()
 
 
+# ------------------------------------------------------------------------------ sharded servers
+def _gram_rule(rule: str) -> bool:
+    from lightning_byz.aggregators import get_aggregator
+    from lightning_byz.aggregators.coordinate import CWMed, CWTM, Mean
+
+    return not isinstance(get_aggregator(rule), (Mean, CWMed, CWTM))
+
+
+def shard_work(d: int, n: int, rule: str, servers: int, repeats: int) -> dict:
+    """Per-server CPU seconds of one update (aggregate own slice with the reductions + SGD step on it),
+    best of ``repeats``: the slowest server's, and the mean over servers."""
+    import torch
+
+    from lightning_byz.aggregators import get_aggregator
+    from lightning_byz.optim.split import SGDServer
+    from lightning_byz.sharding import ShardLayout, run_on_shards
+
+    g = torch.Generator().manual_seed(0)
+    layout = ShardLayout(d, servers)
+    slices = [torch.randn(n, layout.size(k), generator=g) for k in range(servers)]  # each server's block
+    params = [torch.zeros(layout.size(k)) for k in range(servers)]
+    w = torch.rand(n, generator=g)
+    w /= w.sum()
+    agg, rule_step = get_aggregator(rule), SGDServer()
+
+    def job(k: int) -> float:
+        start = time.thread_time()
+        rule_step.step([params[k]], [agg.aggregate_checked(slices[k], w)], 0.01)
+        return time.thread_time() - start
+
+    best = None
+    for _ in range(repeats):
+        times = run_on_shards(job, servers)
+        if best is None or max(times) < max(best):
+            best = times
+    return {"slowest": max(best), "mean": sum(best) / servers}
+
+
+def reduction_round(args: argparse.Namespace) -> None:
+    """In an MPI job of S ranks: seconds per Gram reduction (n x n float64), best of the rounds."""
+    import torch
+    from mpi4py import MPI
+
+    from lightning_byz.sharding import MPIGroup
+
+    comm = MPI.COMM_WORLD.Dup()
+    group, G = MPIGroup(comm), torch.rand(args.n, args.n, dtype=torch.float64)
+    best = float("inf")
+    for _ in range(args.repeats):
+        comm.Barrier()
+        start = time.perf_counter()
+        for _ in range(100):
+            group.sum(G)
+        best = min(best, (time.perf_counter() - start) / 100)
+    if comm.Get_rank() == 0:
+        print(MARK + json.dumps({"t_reduce": best}), flush=True)
+
+
+def reduction_time(servers: int, n: int, repeats: int, timeout: float) -> float:
+    """Seconds per Gram reduction among ``servers`` MPI ranks (0 for one server)."""
+    if servers == 1:
+        return 0.0
+    from lightning_byz.launcher import launch
+
+    argv = [str(Path(__file__).resolve()), "--inner-reduce", "--n", str(n), "--repeats", str(repeats)]
+    proc = launch(servers - 1, argv, timeout=timeout, capture_output=True)
+    found = [line for line in proc.stdout.splitlines() if line.startswith(MARK)]
+    if proc.returncode or not found:
+        raise RuntimeError(f"reduction job failed (rc {proc.returncode}): {proc.stderr[-2000:]}")
+    return json.loads(found[-1][len(MARK):])["t_reduce"]
+
+
+def bytes_received(d: int, n: int, servers: int, gram: bool) -> int:
+    """One server's bytes per update: its slice of one message (header + float32 payload, the largest
+    slice), plus the other servers' n x n float64 partial Gram matrices."""
+    slice_numel = -(-d // servers)
+    return 32 + 4 * slice_numel + ((servers - 1) * 8 * n * n if gram else 0)
+
+
+def sharded(args: argparse.Namespace) -> list[dict]:
+    import torch
+
+    torch.set_num_threads(1)  # one core per server: its thread's CPU time is its work
+    rows = []
+    for config in args.shards:
+        d_text, n_text = config.split(":")
+        d, n = int(float(d_text)), int(n_text)
+        for rule in args.rules:
+            base = None
+            for servers in args.servers:
+                work = shard_work(d, n, rule, servers, args.repeats)
+                t_reduce = reduction_time(servers, n, args.repeats, args.timeout) if _gram_rule(rule) else 0.0
+                row = dict(d=d, n=n, rule=rule, servers=servers, **work, t_reduce=t_reduce,
+                           bytes=bytes_received(d, n, servers, _gram_rule(rule)))
+                base = base or row
+                row.update(work_ratio=row["slowest"] / base["slowest"], bytes_ratio=row["bytes"] / base["bytes"],
+                           target=1.2 / servers + t_reduce / base["slowest"])
+                rows.append(row)
+                print(sharded_table([row]).splitlines()[-1], flush=True)
+    return rows
+
+
+def sharded_table(rows: list[dict]) -> str:
+    head = (f"{'d':>8} {'N':>3} {'rule':>6} {'S':>2} {'slowest ms':>10} {'mean ms':>8} {'reduce ms':>9} "
+            f"{'MB in':>7} {'work/S=1':>8} {'target':>6} {'bytes/S=1':>9}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['d']:>8.2g} {r['n']:>3} {r['rule']:>6} {r['servers']:>2} {1e3 * r['slowest']:>10.1f} "
+            f"{1e3 * r['mean']:>8.1f} {1e3 * r['t_reduce']:>9.3f} {r['bytes'] / 1e6:>7.2f} "
+            f"{r['work_ratio']:>8.2f} {r['target']:>6.2f} {r['bytes_ratio']:>9.2f}"
+        )
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------------- the driver
 def summarise(r: dict) -> dict:
     raw, ps = max(r["raw"]), max(r["ps"])
@@ -202,10 +327,28 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="rounds of (raw, PS) per job; the best counts")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per MPI job")
     p.add_argument("--json", default=None, help="also write all results here")
+    p.add_argument("--servers", nargs="+", type=int, default=None,
+                   help="measure the sharded server with these numbers of servers (the first is the baseline)")
+    p.add_argument("--shards", nargs="+", default=["1.1e7:8", "1.1e7:16", "1e6:32"], metavar="D:N",
+                   help="with --servers: (vector size, workers) configurations")
+    p.add_argument("--rules", nargs="+", default=["cwmed", "gm"], help="with --servers: aggregation rules")
     p.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--inner-reduce", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--n", type=int, default=8, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.inner:
         inner(args)
+        return
+    if args.inner_reduce:
+        reduction_round(args)
+        return
+    if args.servers:
+        rows = sharded(args)
+        print(f"\n{os.cpu_count()} cores; per-server CPU time of one update (aggregate own slice + step), best of "
+              f"{args.repeats}; work/S=1: slowest server vs one server; target: 1.2/S + reduce/S=1")
+        print(sharded_table(rows))
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1))
         return
     from lightning_byz.launcher import launch
 
