@@ -2,8 +2,9 @@
 
 - :class:`SimulatedRole`: one process is the server and N virtual workers
   (:class:`~lightning_byz.transport.simulated.SimulatedTransport`);
-- :class:`MPIServerRole`: rank 0 serves the MPI workers;
-- :class:`MPIWorkerRole`: ranks 1..N compute on their shard and exchange with rank 0.
+- :class:`MPIServerRole`: rank 0 serves the MPI workers (with S servers: leads ranks 1..S−1);
+- :class:`MPIFollowerRole`: with S servers, ranks 1..S−1 hold the other slices of the server;
+- :class:`MPIWorkerRole`: the other ranks compute on their shard and exchange with the server(s).
 
 The server roles run the :class:`~lightning_byz.ps.ServeLoop`, the workers (virtual or not) a
 :class:`~lightning_byz.ps.WorkerStep`; a role only connects them to Lightning: the batch its
@@ -28,7 +29,7 @@ from lightning_byz.data.shards import ShardStream, Ticks, shard_loader
 from lightning_byz.evaluation import receive_fit_end, send_fit_end
 from lightning_byz.optim.split import OptimizerSplit
 from lightning_byz.ps import FlatModel, Message, ParameterServer, Reply, ServeLoop, WorkerStep
-from lightning_byz.sharding import ShardLayout
+from lightning_byz.sharding import MPIGroup, ShardLayout
 
 if TYPE_CHECKING:
     from lightning_byz.strategy import AsyncPSStrategy
@@ -60,8 +61,9 @@ class Role:
 
 
 def make_server(strategy: AsyncPSStrategy, params: torch.Tensor, split: OptimizerSplit, flat: FlatModel,
-                buffers_numel: int, clock):
-    """The server over the point ``params`` (``flat.params`` itself under MPI, a copy when simulated)."""
+                buffers_numel: int, clock, **sharding):
+    """The server over the point ``params`` (``flat.params`` itself under MPI, a copy when simulated);
+    ``sharding``: which shards it holds, with which group and observers (a server rank of several)."""
     optimizer = strategy.optimizers[0]
     return ParameterServer(
         params,
@@ -79,6 +81,7 @@ def make_server(strategy: AsyncPSStrategy, params: torch.Tensor, split: Optimize
         max_staleness=strategy.max_staleness,
         max_weight=strategy.max_weight,
         layout=ShardLayout(params.numel(), strategy.num_servers),
+        **sharding,
     )
 
 
@@ -240,20 +243,35 @@ class SimulatedRole(Role):
 
 
 class MPIServerRole(Role):
-    """Rank 0: serve the workers until each update; at the end stop them and gather their counters."""
+    """Rank 0: serve the workers until each update; at the end stop them and gather their counters.
+    With S servers it holds slice 0 and leads the others (:mod:`lightning_byz.transport.sharded`)."""
 
-    def __init__(self, strategy: AsyncPSStrategy, split: OptimizerSplit, flat: FlatModel):
-        from lightning_byz.transport import mpi
+    def __init__(self, strategy: AsyncPSStrategy, split: OptimizerSplit, flat: FlatModel, servers=None):
+        from lightning_byz.transport import mpi, sharded
 
         self.strategy = strategy
         self.comm = mpi.world().Dup()
         pin = flat.device.type == "cuda"
-        self.server = make_server(strategy, flat.params, split, flat, flat.buffers_numel, time.monotonic)
+        S = strategy.num_servers
+        self.layout = ShardLayout(flat.numel, S)
+        self.leader: sharded.LeaderTransport | None = None
+        self._rows: torch.Tensor | None = None  # every server's rows, between a snapshot and its checkpoint
+        options = {}
+        if S > 1:
+            options = dict(shards=[0], group=MPIGroup(servers, strategy.server_timeout),
+                           on_store=lambda *a: self.leader.stored(*a),
+                           on_update=lambda *a: self.leader.updating(*a))
+        self.server = make_server(strategy, flat.params, split, flat, flat.buffers_numel, time.monotonic, **options)
         self.transport = mpi.MPIServerTransport(
-            self.comm, flat.numel, flat.buffers_numel, flat.dtype, flat.device, pin, on_discard=self.server.reject
+            self.comm, self.layout.size(0), flat.buffers_numel, flat.dtype, flat.device, pin,
+            on_discard=self.server.reject, first_worker=S,
         )
+        if S > 1:
+            self.leader = sharded.LeaderTransport(self.transport, servers.Dup(), self.layout,
+                                                  slice_timeout=min(strategy.worker_timeout, 30.0),
+                                                  server_timeout=strategy.server_timeout)
         self.logging = ServerLogging(strategy, self.server)
-        self.loop = ServeLoop(self.server, self.transport, model=flat, on_warm_up=self.logging.warm_up,
+        self.loop = ServeLoop(self.server, self.leader or self.transport, model=flat, on_warm_up=self.logging.warm_up,
                               hyper=split.worker_hyperparameters, on_stop_request=self.stop_requested)
         self.stopped = False
         self.stop_asked = False
@@ -287,12 +305,17 @@ class MPIServerRole(Role):
             return
         self.stopped = True
         self.loop.stop()
+        if self.leader is not None:
+            self.whole_point()
+            self.leader.end(self.server.params)
         faults, absorb = self.strategy.faults, self.transport.absorb  # workers' last updates, unread
         timeout = min(self.strategy.worker_timeout, 30.0)
-        values, rejected = mpi.gather_metrics(self.comm, faults.num_counters, timeout, while_waiting=absorb)
-        for worker, reason in rejected.items():
-            self.server.reject(worker, reason)
-        self._log_worker_fault_metrics({w: faults.metrics_of(v.tolist()) for w, v in values.items()})
+        S = self.strategy.num_servers
+        values, rejected = mpi.gather_metrics(self.comm, faults.num_counters, timeout, while_waiting=absorb,
+                                              first_worker=S)
+        for rank, reason in rejected.items():
+            self.server.reject(rank - S + 1, reason)
+        self._log_worker_fault_metrics({r - S + 1: faults.metrics_of(v.tolist()) for r, v in values.items()})
         mpi.barrier(self.comm, timeout=30.0, while_waiting=absorb)
         self.transport.close()
         send_fit_end(self.strategy.lightning_module.trainer, mpi.world(), interrupted)
@@ -306,11 +329,78 @@ class MPIServerRole(Role):
         if metrics and trainer.logger is not None:
             trainer.logger.log_metrics(metrics, step=trainer.global_step)
 
+    def whole_point(self) -> None:
+        """With S servers: put every server's slice of the parameters into this rank's model (before it
+        validates or ends), so rank 0 holds the whole point as with one server."""
+        if self.leader is not None:
+            self.leader.gather(self.server.params)
+
+    def snapshot(self) -> None:
+        """With S servers, before a checkpoint: the whole point, optimizer state and rows here."""
+        if self.leader is not None:
+            self._rows = self.leader.snapshot(self.server)
+
     def state_dict(self) -> dict:
-        return {"server": self.server.state_dict()}
+        if self.leader is not None and self._rows is None:
+            self.snapshot()
+        state = self.server.state_dict()
+        if self.leader is not None:  # every server's rows, from the snapshot
+            state["latest"], self._rows = self._rows, None
+        return {"server": state}
 
     def load_state_dict(self, state: dict) -> None:
         self.server.load_state_dict(state["server"])
+
+
+class MPIFollowerRole(Role):
+    """Ranks 1..S−1 of S servers: hold slice k, validate and aggregate it as server 0 commands
+    (:class:`~lightning_byz.transport.sharded.Follower`); one Lightning step per update, no data."""
+
+    def __init__(self, strategy: AsyncPSStrategy, trainer: pl.Trainer, split: OptimizerSplit, flat: FlatModel,
+                 servers):
+        from lightning_byz.transport import mpi, sharded
+
+        self.strategy, self.trainer = strategy, trainer
+        self.comm = mpi.duplicate(mpi.world())
+        k, S = servers.Get_rank(), strategy.num_servers
+        layout = ShardLayout(flat.numel, S)
+        server = make_server(strategy, flat.params, split, flat, 0, time.monotonic, shards=[k],
+                             group=MPIGroup(servers, strategy.server_timeout))
+        self.transport = mpi.MPIServerTransport(self.comm, layout.size(k), 0, flat.dtype, flat.device,
+                                                flat.device.type == "cuda", first_worker=S)
+        self.follower = sharded.Follower(server, self.transport, servers.Dup(), layout, k)
+        self.stopped = False
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume: this server's slices of a checkpoint server 0 wrote (every rank reads the file)."""
+        self.follower.server.load_state_dict(state["server"])
+
+    def train_dataloader(self, dataloader: object) -> object:
+        return Ticks(len(dataloader))
+
+    def training_step(self, args: tuple, kwargs: dict) -> None:
+        return None
+
+    def optimizer_step(self, closure: Callable[[], Any]) -> Any:
+        result = closure()  # the (empty) training step; Lightning requires the call
+        if not self.stopped:
+            self.stopped = self.follower.serve_until_update()
+        self.stop_only_with_the_server()
+        return result
+
+    def stop_only_with_the_server(self) -> None:
+        self.trainer.should_stop = self.stopped
+
+    def finish(self, interrupted: bool = False) -> None:
+        from lightning_byz.transport import mpi
+
+        while not self.stopped:  # the loop ended on its own: follow server 0 to its end
+            self.stopped = self.follower.serve_until_update()
+        mpi.barrier(self.comm, timeout=30.0, while_waiting=self.transport.absorb)
+        self.follower.close()
+        self.transport.close()
+        if receive_fit_end(self.trainer, mpi.world()):
+            raise SIGTERMException
 
 
 class FreshShard:
@@ -345,9 +435,11 @@ class MPIWorkerRole(Role):
         self.flat = flat
         self.comm = mpi.duplicate(mpi.world())  # bounded, as every wait on the server
         pin = flat.device.type == "cuda"
-        self.transport = mpi.MPIWorkerTransport(self.comm, flat.numel, flat.buffers_numel, flat.dtype, pin)
-        rank = self.comm.Get_rank()
-        self.worker = WorkerStep(rank, split.make_worker_rule(), flat, strategy.faults, send_buffers=True)
+        S = strategy.num_servers
+        self.transport = mpi.MPIWorkerTransport(self.comm, flat.numel, flat.buffers_numel, flat.dtype, pin,
+                                                layout=ShardLayout(flat.numel, S))
+        worker = self.comm.Get_rank() - S + 1
+        self.worker = WorkerStep(worker, split.make_worker_rule(), flat, strategy.faults, send_buffers=True)
         self.hyper_count = len(split.worker_hyperparameters())  # how many values the rule takes
         self.stopped = False
         self.sigterm = False  # this rank got SIGTERM: its next message asks the server to stop the job

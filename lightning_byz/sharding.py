@@ -124,18 +124,25 @@ class ThreadGroup:
 
 
 class MPIGroup:
-    """The server ranks of an MPI job (a communicator of the S servers, rank k owning shard k)."""
+    """The server ranks of an MPI job (a communicator of the S servers, rank k owning shard k). A
+    reduction that waits longer than ``timeout`` seconds for the others raises (a frozen server rank
+    would otherwise hold the job forever)."""
 
-    def __init__(self, comm):
-        self.comm = comm
+    def __init__(self, comm, timeout: float | None = None):
+        self.comm, self.timeout = comm, timeout
         self.size, self.rank = comm.Get_size(), comm.Get_rank()
+
+    def _wait(self, req) -> None:
+        from lightning_byz.transport import mpi
+
+        mpi.wait(req, self.timeout, "the other server ranks (a cross-shard reduction)")
 
     def sum(self, t: Tensor) -> Tensor:
         from mpi4py import MPI
 
         local = t.detach().to("cpu", torch.float64).contiguous().numpy()
         parts = torch.empty((self.size, *local.shape), dtype=torch.float64)
-        self.comm.Allgather([local, MPI.DOUBLE], [parts.numpy(), MPI.DOUBLE])
+        self._wait(self.comm.Iallgather([local, MPI.DOUBLE], [parts.numpy(), MPI.DOUBLE]))
         out = parts[0].clone()
         for p in parts[1:]:
             out += p
@@ -146,7 +153,7 @@ class MPIGroup:
 
         local = _nan_to_inf(t.detach()).to("cpu", torch.float64).contiguous().numpy()
         out = local.copy()
-        self.comm.Allreduce([local, MPI.DOUBLE], [out, MPI.DOUBLE], op=MPI.MAX)  # max is exact
+        self._wait(self.comm.Iallreduce([local, MPI.DOUBLE], [out, MPI.DOUBLE], op=MPI.MAX))  # max is exact
         return torch.from_numpy(out).to(t.device, t.dtype)
 
 
@@ -177,6 +184,32 @@ def run_on_shards(job: Callable[[int], T], num_servers: int, pool: ThreadPoolExe
     if cause or any(errors):
         raise (cause or [e for e in errors if e is not None])[0]
     return [f.result() for f in futures]
+
+
+def owned_part(pairs: list[tuple[Tensor, int]], layout: ShardLayout, k: int) -> Tensor:
+    """The entries of ``(tensor, offset)`` pairs (entry j at coordinate offset + j) that fall in shard
+    ``k``'s slice, concatenated in order: what server k sends so another can hold the whole state."""
+    parts = [t.detach().reshape(-1)[lo - offset : hi - offset] for t, offset, lo, hi in _overlaps(pairs, layout, k)]
+    if not parts:
+        return torch.empty(0)
+    return torch.cat([p.to(parts[0].dtype) for p in parts])
+
+
+def put_owned_part(pairs: list[tuple[Tensor, int]], layout: ShardLayout, k: int, flat: Tensor) -> None:
+    """Write shard ``k``'s :func:`owned_part` ``flat`` back into the tensors of ``pairs``."""
+    start = 0
+    for t, offset, lo, hi in _overlaps(pairs, layout, k):
+        view = t.view(-1)[lo - offset : hi - offset]
+        view.copy_(flat[start : start + hi - lo])
+        start += hi - lo
+
+
+def _overlaps(pairs: list[tuple[Tensor, int]], layout: ShardLayout, k: int):
+    first, last = layout.bounds[k], layout.bounds[k + 1]
+    for t, offset in pairs:
+        lo, hi = max(first, offset), min(last, offset + t.numel())
+        if lo < hi:
+            yield t, offset, lo, hi
 
 
 def _nan_to_inf(t: Tensor) -> Tensor:

@@ -53,7 +53,7 @@ from lightning_byz.faults.base import Fault, FaultSet
 from lightning_byz.launcher import device_for_rank
 from lightning_byz.optim.split import check_worker_momentum, split_optimizer
 from lightning_byz.ps import FlatModel, ParameterServer
-from lightning_byz.roles import MPIServerRole, MPIWorkerRole, Role, SimulatedRole
+from lightning_byz.roles import MPIFollowerRole, MPIServerRole, MPIWorkerRole, Role, SimulatedRole
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +105,11 @@ class AsyncPSStrategy(SingleDeviceStrategy):
             shards), ``"dirichlet"`` (label skew Dir(``dirichlet_alpha``)) or ``"labels"``
             (``classes_per_worker`` classes each); seeded, the same under MPI and simulated
             (:mod:`lightning_byz.data.partition`).
-        num_servers: S >= 1 server shards, each owning a contiguous 1/S slice of the parameters and
-            of every worker's latest vector and aggregating it in its own thread; every rule stays
-            exact (cross-shard Gram matrices, :mod:`lightning_byz.sharding`). Simulated runs only so
-            far (under MPI: one server rank).
+        num_servers: S >= 1 servers, each owning a contiguous 1/S slice of the parameters and of
+            every worker's latest vector; every rule stays exact (cross-shard Gram matrices,
+            :mod:`lightning_byz.sharding`). Under MPI ranks 0..S−1 are the servers (rank 0 decides,
+            :mod:`lightning_byz.transport.sharded`), the other ranks workers; simulated, S shard
+            threads in the one process.
 
     The optimizer: the server steps the user's own optimizer (any ``torch.optim`` one, its param
     groups and schedulers) with the aggregate as the gradient; ``Mu2SGD`` splits into STORM on the
@@ -169,21 +170,25 @@ class AsyncPSStrategy(SingleDeviceStrategy):
         self.transport = "mpi" if transport == "auto" and MPIEnvironment.detect() else transport
         self.transport = "simulated" if self.transport == "auto" else self.transport
         self.local_rank = 0
+        if isinstance(num_servers, bool) or not isinstance(num_servers, int) or num_servers < 1:
+            raise ValueError(f"num_servers must be an integer >= 1, got {num_servers!r}")
+        self.num_servers = num_servers
         if self.transport == "mpi":
             env = MPIEnvironment()
             size = env.world_size()
-            if size < 2:
+            if size < num_servers + 1:
                 raise ValueError(
-                    "transport='mpi' needs at least 2 MPI ranks (1 server + workers); launch with "
-                    "`mpirun -n N` / `srun`, or use transport='simulated' for one process"
+                    f"transport='mpi' needs at least {num_servers + 1} MPI ranks ({num_servers} server(s) + workers); "
+                    "launch with `mpirun -n N` / `srun`, or use transport='simulated' for one process"
                 )
-            if num_workers is not None and num_workers != size - 1:
-                raise ValueError(f"num_workers={num_workers} but mpirun started {size} ranks ({size - 1} workers)")
-            self.num_workers = size - 1
+            if num_workers is not None and num_workers != size - num_servers:
+                raise ValueError(f"num_workers={num_workers} but mpirun started {size} ranks "
+                                 f"({num_servers} server(s), {size - num_servers} workers)")
+            self.num_workers = size - num_servers
             # Lightning sees one single-device process per rank (world_size stays 1): no collectives
             self.global_rank = env.global_rank()
             self.local_rank = _node_local_rank()
-            _abort_job_on_uncaught_exception(self.global_rank)
+            _abort_job_on_uncaught_exception(self.global_rank, num_servers)
             from lightning_byz.transport import mpi
 
             if self.global_rank == 0:
@@ -216,12 +221,6 @@ class AsyncPSStrategy(SingleDeviceStrategy):
         if byzantine_share is not None and self.transport == "mpi" and self.global_rank == 0:
             warnings.warn("byzantine_share only shapes simulated runs; under MPI real timing decides who arrives")
         self.byzantine_share, self.byzantine_schedule = byzantine_share, byzantine_schedule
-        if isinstance(num_servers, bool) or not isinstance(num_servers, int) or num_servers < 1:
-            raise ValueError(f"num_servers must be an integer >= 1, got {num_servers!r}")
-        if num_servers > 1 and self.transport == "mpi":
-            raise ValueError(f"num_servers={num_servers}: sharded servers run in the simulation only so far; "
-                             "under MPI rank 0 is the one server (num_servers=1)")
-        self.num_servers = num_servers
         self.faults = FaultSet()
         self.worker_fault_metrics: dict[str, float] = {}  # MPI server: the workers' fault counters at the end
         self.server: ParameterServer | None = None  # the server's state, on the server (kept after fit)
@@ -280,10 +279,20 @@ class AsyncPSStrategy(SingleDeviceStrategy):
                 "worker_momentum=0.9 with momentum=0, or a smaller lr (README: 'Where momentum runs')"
             )
         flat = FlatModel(self.lightning_module)
+        servers = None
+        if self.transport == "mpi" and self.num_servers > 1:
+            from lightning_byz.transport.sharded import server_communicator
+
+            servers = server_communicator(self.num_servers)  # collective: every rank
         if self.transport == "simulated":
             self._role = SimulatedRole(self, split, flat)
         elif self.is_server:
-            self._role = MPIServerRole(self, split, flat)
+            self._role = MPIServerRole(self, split, flat, servers)
+        elif servers is not None:
+            self._role = MPIFollowerRole(self, trainer, split, flat, servers)
+            _make_worker_loop(trainer)
+            replace_callback(trainer, _WorkerStopsWithServer, _WorkerStopsWithServer(self._role))
+            replace_callback(trainer, _ServerState, _ServerState(self))  # resume: its slices
         else:
             self._role = MPIWorkerRole(self, trainer, split, flat)
             _make_worker_loop(trainer)
@@ -335,6 +344,20 @@ class AsyncPSStrategy(SingleDeviceStrategy):
         super().on_train_start()
         if isinstance(self._role, MPIWorkerRole):  # after Lightning registered its signal handlers
             _forward_sigterm_to_the_server(self._role)
+        if isinstance(self._role, MPIFollowerRole):  # server 0 gets its own and stops the job
+            signal.signal(signal.SIGTERM, lambda signum, frame: log.info("server rank: SIGTERM; server 0 stops the job"))
+
+    def on_validation_start(self) -> None:
+        super().on_validation_start()
+        if isinstance(self._role, MPIServerRole):
+            self._role.whole_point()
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """The model's weights for a checkpoint (Lightning asks for them first). With several MPI
+        servers, server 0 takes the others' slices of everything the checkpoint holds here."""
+        if isinstance(self._role, MPIServerRole):
+            self._role.snapshot()
+        return super().lightning_module_state_dict()
 
     def on_train_end(self) -> None:
         if self._role is not None:
@@ -388,7 +411,7 @@ def _stepping_with(optimizer: torch.optim.Optimizer, step: Callable[[Callable[[]
             optimizer.step = previous
 
 
-def _abort_job_on_uncaught_exception(rank: int) -> None:
+def _abort_job_on_uncaught_exception(rank: int, num_servers: int = 1) -> None:
     """An exception that leaves the script on any rank ends the whole MPI job, whatever the launcher.
 
     Plain ``mpirun python train.py`` or ``srun lightning-byz fit`` would otherwise leave the other
@@ -401,7 +424,7 @@ def _abort_job_on_uncaught_exception(rank: int) -> None:
         return
 
     def hook(kind, value, tb) -> None:
-        role = "the server" if rank == 0 else f"worker {rank}"
+        role = ("the server" if num_servers == 1 else f"server {rank}") if rank < num_servers else f"worker {rank - num_servers + 1}"
         sys.stderr.write(f"[lightning-byz] rank {rank} ({role}) failed; aborting the MPI job:\n")
         previous(kind, value, tb)
         sys.stderr.flush()
@@ -447,9 +470,10 @@ def _make_worker_loop(trainer: pl.Trainer) -> None:
 
 
 class _WorkerStopsWithServer(Callback):
-    """On a worker, after every other hook of a batch or epoch: only the server's stop ends training."""
+    """On a worker (or a server rank other than 0), after every other hook of a batch or epoch: only
+    the server's stop ends training."""
 
-    def __init__(self, role: MPIWorkerRole):
+    def __init__(self, role: MPIWorkerRole | MPIFollowerRole):
         self.role = role
 
     def on_train_batch_end(self, trainer, *args) -> None:

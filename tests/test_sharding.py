@@ -5,6 +5,7 @@ checks; the simulation runs S shards end to end; MPI server ranks reduce exactly
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -183,6 +184,45 @@ def test_checkpoints_hold_every_slice_and_name_both_layouts_on_a_mismatch():
         make_server(2).load_state_dict(state)
 
 
+@pytest.mark.parametrize("rule", ["adamw", "sgd_momentum", "anytime"])
+def test_servers_stepping_their_slices_merge_into_one_servers_state(rule):
+    """Each server steps the whole point with the direction zero off its slice; a checkpoint takes
+    every other server's owned part of the point and of the rule's element-wise state. The merged
+    state is bitwise that of one server stepping the whole direction."""
+    from torch import nn
+
+    from lightning_byz.optim.split import AnyTimeServer, OptimizerServer
+    from lightning_byz.ps import FlatModel
+    from lightning_byz.sharding import owned_part, put_owned_part
+
+    def make():
+        torch.manual_seed(0)
+        flat = FlatModel(nn.Sequential(nn.Linear(7, 5), nn.ReLU(), nn.Linear(5, 3)))
+        if rule == "anytime":
+            return flat, AnyTimeServer([flat.params], gamma=0.3)
+        params = flat.module.parameters()
+        optimizer = torch.optim.AdamW(params, lr=0.1) if rule == "adamw" else torch.optim.SGD(params, lr=0.1, momentum=0.9)
+        return flat, OptimizerServer(optimizer, flat.param_list, flat.params)
+
+    (one, one_rule), servers = make(), [make() for _ in range(3)]
+    layout = ShardLayout(one.numel, 3)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(4):
+        d = torch.randn(one.numel, generator=g)
+        one_rule.step([one.params], [d.clone()], 0.1)
+        for k, (flat, server_rule) in enumerate(servers):
+            own = torch.zeros_like(d)
+            own[layout.slice(k)] = d[layout.slice(k)]
+            server_rule.step([flat.params], [own], 0.1)
+    pairs = [[(flat.params, 0), *server_rule.elementwise_state()] for flat, server_rule in servers]
+    assert len(pairs[0]) == len([(one.params, 0), *one_rule.elementwise_state()]) > 1
+    for k in (1, 2):
+        put_owned_part(pairs[0], layout, k, owned_part(pairs[k], layout, k))
+    for (merged, _), (reference, _) in zip(pairs[0], [(one.params, 0), *one_rule.elementwise_state()]):
+        assert torch.equal(merged, reference)
+    assert not torch.equal(servers[1][0].params, one.params)  # unmerged, a server's point is off elsewhere
+
+
 def test_a_simulated_run_with_s_servers_trains_as_with_one(run_simulated):
     """The whole stack (Trainer, simulated workers, the robust rule) with 3 server shards."""
     common = ("--num-workers", "4", "--steps", "60", "--aggregator", "gm")
@@ -209,3 +249,57 @@ def test_mpi_server_ranks_reduce_exactly(tmp_path):
     assert len(report["gaps"]) == len(RULE_CASES)
     assert max(report["gaps"]) <= 1e-9, report
     assert report["same_bits_on_every_rank"]
+
+
+# Under mpirun: 2 server ranks (server 0 decides, server 1 follows) and 3 workers, the user's script.
+# Accuracy floor as tests/test_mpi.py's ASYNC_FLOOR (one server, 400 steps, with a malformed worker:
+# 0.82-0.90 measured); measured with 2 servers 2026-12-04 on the loaded 2-core machine: see the issue notes.
+SHARDED_FLOOR = 0.75
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_two_mpi_servers_train_validate_reject_and_end_with_the_whole_point(run_mpi):
+    """Worker 1 sends NaN every 5th step (every slice is bad) and a vector 3 short every 7th (only
+    the last server's slice is short: server 1 refuses it, server 0 rejects the message on its
+    word). Training goes on, the server validates on the whole point, and every rank ends with it."""
+    proc, results = run_mpi(4, "--num-servers", "2", "--steps", "400", "--malformed-worker", "1",
+                            "--val-every", "100", timeout=280)
+    leader = results[0]
+    assert leader["version"] == 400 and leader["acc"] >= SHARDED_FLOOR, leader
+    assert leader["rejected"].get("non-finite values (NaN/Inf) in the update", 0) > 0, leader["rejected"]
+    assert leader["rejected"].get("server 1's slice", 0) > 0, leader["rejected"]
+    assert set(leader["rejected_by_worker"]) == {"1"}
+    assert len({r["params"] for r in results}) == 1  # servers and workers hold the same final point
+    assert len({r["acc"] for r in results}) == 1
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_two_mpi_servers_checkpoint_every_slice_and_resume(run_mpi, tmp_path):
+    """AdamW on the server: a checkpoint at step 50 holds every server's slices (point, moments,
+    rows); a second job resumes from it to step 120 and keeps learning; a different layout is refused."""
+    ckpt = tmp_path / "ckpt"
+    _, first = run_mpi(3, "--num-servers", "2", "--steps", "60", "--ckpt-dir", str(ckpt), "--optimizer", "adamw")
+    state = torch.load(ckpt / "last.ckpt", weights_only=False)["callbacks"]["AsyncPSStrategy"]["server"]
+    assert state["num_servers"] == 2 and tuple(state["latest"].shape)[0] == 2
+    assert bool((state["latest"] != 0).any(dim=1).all())  # both workers' rows, on both slices
+    _, resumed = run_mpi(3, "--num-servers", "2", "--steps", "120", "--resume", str(ckpt / "last.ckpt"),
+                         "--optimizer", "adamw")
+    assert resumed[0]["version"] == 120 and resumed[0]["acc"] >= first[0]["acc"] - 0.05
+    assert len({r["params"] for r in resumed}) == 1
+    proc, _ = run_mpi(2, "--steps", "120", "--resume", str(ckpt / "last.ckpt"), "--optimizer", "adamw",
+                      expect_ok=False)
+    assert proc.returncode != 0 and "on 2 server(s)" in proc.stderr and "on 1 server(s)" in proc.stderr
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(300)
+def test_a_dead_server_rank_ends_the_job_nonzero_and_fast(run_mpi):
+    start = time.monotonic()
+    proc, _ = run_mpi(4, "--num-servers", "2", "--steps", "100000", "--kill-rank", "1", "20",
+                      expect_ok=False, timeout=150)
+    assert proc.returncode != 0
+    assert time.monotonic() - start < 150

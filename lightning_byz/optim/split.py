@@ -180,6 +180,11 @@ class ServerRule:
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         pass
 
+    def elementwise_state(self) -> list[tuple[Tensor, int]]:
+        """``(tensor, offset)`` for every state tensor whose entry j belongs to coordinate offset + j
+        of the flat point (a sharded server owns those in its slice)."""
+        return []
+
 
 class SGDServer(ServerRule):
     """``sgd``: x <- x − lr·d (the minimal rule; tests and benchmarks of the server use it)."""
@@ -224,6 +229,17 @@ class OptimizerServer(ServerRule):
         if x is not self.home:
             x.copy_(self.home)
 
+    def elementwise_state(self) -> list[tuple[Tensor, int]]:
+        """The optimizer's per-parameter state tensors shaped like their parameter (momenta, Adam's
+        moments), at the parameter's offset in the flat point, in a fixed order."""
+        out, offset = [], 0
+        for p, n in zip(self.param_list, self.numels):
+            state = self.optimizer.state.get(p, {})
+            out += [(state[key], offset) for key in sorted(state)
+                    if isinstance(state[key], Tensor) and state[key].shape == p.shape]
+            offset += n
+        return out
+
     def step_scale(self, lr: float) -> float:
         """Squares of the aggregate (Adam's second moment) must stay finite, and the largest lr
         times a momentum amplification of up to 1e3 must not overflow the step."""
@@ -257,6 +273,9 @@ class AnyTimeServer(ServerRule):
 
     def state_dict(self) -> dict[str, Any]:
         return {"t": self.t, "w": self.w}
+
+    def elementwise_state(self) -> list[tuple[Tensor, int]]:
+        return [(self.w[0], 0)] if len(self.w) == 1 else []  # the server's rule keeps one flat anchor
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         """Restore from :meth:`state_dict`; w keeps this rule's device and dtype."""

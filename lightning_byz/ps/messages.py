@@ -20,6 +20,8 @@ class Message:
     with its current parameters without updating. ``buffers`` carries the worker's floating-point
     module buffers (BatchNorm statistics), or is ``None``. ``stop_request``: the worker received
     SIGTERM (no vector): the server stops the whole job as for its own SIGTERM, checkpoint first.
+    ``refused``: why another server of a sharded server refused its slice of this message (the
+    message is then rejected with that reason).
     """
 
     worker: int
@@ -28,6 +30,7 @@ class Message:
     vector: Tensor | None
     buffers: Tensor | None = None
     stop_request: bool = False
+    refused: str | None = None
 
 
 @dataclass

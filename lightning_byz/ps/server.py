@@ -38,11 +38,15 @@ workers involved; training goes on. An empty message (a drop) is no sign of life
 only ever drops goes silent after ``worker_timeout`` and stops holding up the warm-up.
 
 **Sharding.** With a :class:`~lightning_byz.sharding.ShardLayout` of S servers, the workers' latest
-vectors are kept as S column blocks, and each update aggregates every block in its own thread,
-reducing the few cross-shard values the rule needs (Gram matrices, the overflow guard's maximum,
-the attack slot's statistics) at a barrier (:mod:`lightning_byz.sharding`). Who is in the update, the
-weights, the version and every verdict are decided once, for all shards, as with one server; the
-server rule then steps the whole point (every rule it runs is element-wise: slices step alike).
+vectors are kept as column blocks, one per shard; each update aggregates every block, reducing the
+few cross-shard values the rule needs (Gram matrices, the overflow guard's maximum, the attack slot's
+statistics) across the shards (:mod:`lightning_byz.sharding`). In one process (the simulation) the
+server holds every shard and aggregates each in its own thread; under MPI each server rank holds one
+(``shards``, ``group``), and server 0's decisions reach the others through ``on_store`` and
+``on_update`` (:mod:`lightning_byz.transport.sharded`). Who is in the update, the weights, the version
+and every verdict are decided once, for all shards, as with one server. The server rule steps the
+whole point with the direction zero off the shards held here (the server rules are element-wise, so
+each slice steps as it would alone).
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ import math
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -61,7 +65,7 @@ from lightning_byz.aggregators import Aggregator, check_inputs
 from lightning_byz.aggregators.base import nonfinite_rows
 from lightning_byz.aggregators.coordinate import weighted_median
 from lightning_byz.ps.messages import Message
-from lightning_byz.sharding import ShardLayout, run_on_shards, shard_max
+from lightning_byz.sharding import ShardGroup, ShardLayout, across_shards, run_on_shards, shard_max
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +92,11 @@ class ParameterServer:
         max_weight: cap on one worker's async weight, in (0, 1] (default: no cap).
         layout: how the coordinates are sharded among servers (default: one server); every shard's
             rows are kept apart and aggregated by its own thread (see "Sharding" above).
+        shards: the shards this server holds (default: all of the layout); messages then carry
+            these shards' slices, concatenated.
+        group: the other servers' shards, for the cross-shard reductions (an MPI server rank).
+        on_store: told ``(worker, step)`` whenever a message's vector is stored as the worker's row.
+        on_update: told ``(workers, weights, lr)`` of every update before it is aggregated.
     """
 
     def __init__(
@@ -107,6 +116,10 @@ class ParameterServer:
         max_staleness: int | None = None,
         max_weight: float | None = None,
         layout: ShardLayout | None = None,
+        shards: Sequence[int] | None = None,
+        group: ShardGroup | None = None,
+        on_store: Callable[[int, int], None] = lambda worker, step: None,
+        on_update: Callable[[Tensor, Tensor, float], None] = lambda workers, weights, lr: None,
     ):
         if mode not in ("async", "sync"):
             raise ValueError(f"mode must be 'async' or 'sync', got {mode!r}")
@@ -133,10 +146,14 @@ class ParameterServer:
         self.layout = ShardLayout(d, 1) if layout is None else layout
         if self.layout.numel != d:
             raise ValueError(f"the shard layout covers {self.layout.numel} parameters, the model has {d}")
-        # every worker's latest vector, one [num_workers, slice] block per shard
-        self.latest = [torch.zeros(num_workers, self.layout.size(k), dtype=dt, device=dev)
-                       for k in range(self.layout.num_servers)]
-        self._pool = ThreadPoolExecutor(self.layout.num_servers) if self.layout.num_servers > 1 else None
+        self.shards = list(range(self.layout.num_servers)) if shards is None else list(shards)
+        self.group, self.on_store, self.on_update = group, on_store, on_update
+        # every worker's latest vector, one [num_workers, slice] block per shard held here
+        self.latest = [torch.zeros(num_workers, self.layout.size(k), dtype=dt, device=dev) for k in self.shards]
+        self.local_sizes = [self.layout.size(k) for k in self.shards]
+        self._pool = ThreadPoolExecutor(len(self.shards)) if len(self.shards) > 1 else None
+        # with some shards elsewhere, the step takes a full-size direction, zero off the shards held here
+        self._padded = None if len(self.shards) == self.layout.num_servers else torch.zeros_like(params)
         self.latest_buffers = torch.zeros(num_workers, buffers_numel, dtype=dt, device=dev)
         self.counts = torch.zeros(num_workers, dtype=torch.long)
         self.triggered = torch.zeros(num_workers, dtype=torch.long)  # async updates each worker triggered
@@ -185,8 +202,9 @@ class ParameterServer:
         if msg.worker in self.silent:
             self.silent.discard(msg.worker)
             log.warning("worker %d is back after a silence; counted again", msg.worker)
-        for rows, part in zip(self.latest, self.layout.split(msg.vector)):
+        for rows, part in zip(self.latest, msg.vector.split(self.local_sizes)):
             rows[i].copy_(part, non_blocking=True)
+        self.on_store(msg.worker, msg.step)
         if self.latest_buffers.shape[1] and msg.buffers is not None:
             self.latest_buffers[i].copy_(msg.buffers, non_blocking=True)
         if self.warm:
@@ -237,10 +255,11 @@ class ParameterServer:
             return f"version {msg.version} from the future (server is at {self.version})"
         if msg.vector is None:
             return None
-        if msg.vector.dim() != 1 or msg.vector.numel() != self.params.numel():
-            return f"wrong size: {tuple(msg.vector.shape)} instead of ({self.params.numel()},)"
-        if bool(nonfinite_rows(msg.vector[None]).any()):
-            return "non-finite values (NaN/Inf) in the update"
+        reason = self.invalid_slice(msg)
+        if reason is not None:
+            return reason
+        if msg.refused is not None:
+            return msg.refused
         if msg.buffers is not None and self.latest_buffers.shape[1]:
             if msg.buffers.numel() != self.latest_buffers.shape[1]:
                 return f"wrong buffer size: {msg.buffers.numel()} instead of {self.latest_buffers.shape[1]}"
@@ -248,6 +267,17 @@ class ParameterServer:
                 return "non-finite values (NaN/Inf) in the buffers"
         if self.max_staleness is not None and self.version - msg.version > self.max_staleness:
             return f"stale: computed at version {msg.version}, server at {self.version} (max_staleness {self.max_staleness})"
+        return None
+
+    def invalid_slice(self, msg: Message) -> str | None:
+        """What is wrong with the vector of ``msg`` itself (size, NaN/Inf): all a server that does not
+        decide checks of its slice."""
+        if msg.vector is None:
+            return None
+        if msg.vector.dim() != 1 or msg.vector.numel() != sum(self.local_sizes):
+            return f"wrong size: {tuple(msg.vector.shape)} instead of ({sum(self.local_sizes)},)"
+        if bool(nonfinite_rows(msg.vector[None]).any()):
+            return "non-finite values (NaN/Inf) in the update"
         return None
 
     # -- aggregation --------------------------------------------------------------------------
@@ -289,9 +319,17 @@ class ParameterServer:
             raise RuntimeError("no active worker to aggregate (all silent)")
         w = self.weights(workers)
         lr = self.lr()
+        self.on_update(workers, w, lr)
+        return self.apply(workers, w, lr)
+
+    def apply(self, workers: Tensor, w: Tensor, lr: float) -> Tensor:
+        """Aggregate ``workers``' rows with weights ``w`` and step at ``lr`` (skipped as :meth:`update`
+        says); return the workers used. A server holding some shards of several is told this by the
+        server that decides (every server applies the same update)."""
         scale = self.server_rule.step_scale(lr)
-        outcomes = run_on_shards(lambda k: self._aggregate_shard(k, workers, w, scale),
-                                 self.layout.num_servers, self._pool)
+        with across_shards(self.group):
+            outcomes = run_on_shards(lambda j: self._aggregate_shard(j, workers, w, scale), len(self.shards),
+                                     self._pool)
         parts, used, problem = zip(*outcomes)
         workers = used[0]
         for worker, reason in self._attack_rejections.items():
@@ -300,7 +338,12 @@ class ParameterServer:
         if problem[0] is not None:
             self._skip(problem[0], workers)
             return workers
-        direction = parts[0] if len(parts) == 1 else torch.cat(parts)
+        if self._padded is None:
+            direction = parts[0] if len(parts) == 1 else torch.cat(parts)
+        else:
+            direction = self._padded
+            for k, part in zip(self.shards, parts):
+                direction[self.layout.slice(k)] = part
         self.server_rule.step([self.params], [direction], lr)
         self.version += 1
         self.round.clear()
@@ -316,14 +359,14 @@ class ParameterServer:
         self.round.clear()
         self.warm = True
 
-    def _aggregate_shard(self, k: int, workers: Tensor, w: Tensor, scale: float):
-        """Shard ``k``'s slice of the aggregate, the workers it used (the attack slot may leave some out)
-        and why the update must be skipped (None: apply it). Every shard reaches the same verdict:
-        it is taken from values reduced across the shards."""
-        rows = self.latest[k]
+    def _aggregate_shard(self, j: int, workers: Tensor, w: Tensor, scale: float):
+        """The slice of the aggregate of the ``j``-th shard held here, the workers it used (the attack
+        slot may leave some out) and why the update must be skipped (None: apply it). Every shard
+        reaches the same verdict: it is taken from values reduced across the shards."""
+        rows = self.latest[j]
         vectors = rows if len(workers) == self.num_workers else rows[workers - 1]
         if self.attack is not None:
-            vectors, w, workers = self._checked_attack(k, vectors, w, workers)
+            vectors, w, workers = self._checked_attack(self.shards[j], vectors, w, workers)
         try:
             if isinstance(self.aggregator, Aggregator):  # rows were validated on arrival
                 direction = self.aggregator.aggregate_checked(vectors, w)
@@ -381,7 +424,7 @@ class ParameterServer:
     def state_dict(self) -> dict:
         return {
             "params": self.params.detach().cpu().clone(),
-            "latest": torch.cat(self.latest, dim=1).cpu(),
+            "latest": torch.cat(self.latest, dim=1).cpu(),  # the shards held here (a sharded MPI server adds the others')
             "num_servers": self.layout.num_servers,
             "latest_buffers": self.latest_buffers.cpu().clone(),
             "counts": self.counts.clone(),
@@ -405,8 +448,8 @@ class ParameterServer:
                 "workers and num_servers"
             )
         self.params.copy_(state["params"])
-        for rows, part in zip(self.latest, self.layout.split(state["latest"])):
-            rows.copy_(part)
+        for rows, k in zip(self.latest, self.shards):
+            rows.copy_(state["latest"][:, self.layout.slice(k)])
         self.latest_buffers.copy_(state["latest_buffers"])
         self.counts.copy_(state["counts"])
         self.triggered.copy_(state.get("triggered", torch.zeros_like(self.triggered)))

@@ -43,6 +43,7 @@ from mpi4py import MPI
 from torch import Tensor
 
 from lightning_byz.ps.messages import Message, Rejection, Reply
+from lightning_byz.sharding import ShardLayout
 
 log = logging.getLogger(__name__)
 
@@ -63,26 +64,58 @@ def under_mpi() -> bool:
     return MPI.COMM_WORLD.Get_size() > 1
 
 
-def _wait(req: MPI.Request) -> None:
-    """Wait for ``req`` (see :func:`_poll_until`)."""
-    _poll_until(req.Test)
+class PeerSilentError(RuntimeError):
+    """Another server rank sent nothing for longer than ``server_timeout`` (a sharded server)."""
+
+
+def wait(req: MPI.Request, timeout: float | None = None, waiting_for: str = "") -> None:
+    """Wait for ``req`` (see :func:`_poll_until`); with ``timeout``, raise :class:`PeerSilentError`
+    naming ``waiting_for`` once that many seconds have passed."""
+    if timeout is None:
+        _poll_until(req.Test)
+        return
+    deadline = time.monotonic() + timeout
+
+    def done() -> bool:
+        if req.Test():
+            return True
+        if time.monotonic() > deadline:
+            raise PeerSilentError(f"rank {MPI.COMM_WORLD.Get_rank()}: nothing from {waiting_for} for {timeout:g} s "
+                                  "(its process stopped or its node is unreachable); ending this job")
+        return False
+
+    _poll_until(done)
+
+
+class Backoff:
+    """The idle rounds of a polling loop: 50 spins, then sleeps from 20 µs doubling up to 1 ms, instead
+    of MPI's busy wait, so a waiting rank leaves the CPU to the others when ranks share cores."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.spins, self.pause = 0, 2e-5
+
+    def idle(self) -> None:
+        self.spins += 1
+        if self.spins > 50:
+            time.sleep(self.pause)
+            self.pause = min(self.pause * 2, 1e-3)
 
 
 def _poll_until(done: Callable[[], bool]) -> None:
-    """Poll ``done`` with a short back-off (<= 1 ms) instead of MPI's busy wait: a waiting worker
-    then leaves the CPU to the server when ranks share cores (oversubscribed machines). On a worker
-    that watches the server (:func:`watch_the_server`) the wait ends in :class:`ServerSilentError`
-    once the server has been silent for its timeout."""
-    spins, pause = 0, 2e-5
+    """Poll ``done`` with a :class:`Backoff`: a waiting worker then leaves the CPU to the server when
+    ranks share cores (oversubscribed machines). On a rank that watches the server
+    (:func:`watch_the_server`) the wait ends in :class:`ServerSilentError` once the server has been
+    silent for its timeout."""
+    backoff = Backoff()
     next_check = time.monotonic() + WATCH_EVERY
     while not done():
-        spins += 1
-        if spins > 50:
-            time.sleep(pause)
-            pause = min(pause * 2, 1e-3)
-            if _watch is not None and time.monotonic() >= next_check:
-                _watch.check()
-                next_check = time.monotonic() + WATCH_EVERY
+        backoff.idle()
+        if _watch is not None and time.monotonic() >= next_check:
+            _watch.check()
+            next_check = time.monotonic() + WATCH_EVERY
 
 
 class ServerSilentError(RuntimeError):
@@ -132,7 +165,7 @@ class Heartbeat:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             for w, req in self._sends.items():
-                if _completed(req):
+                if completed(req):
                     self._sends[w] = self.comm.Isend([self._beat, MPI.INT64_T], dest=w, tag=TAG_ALIVE)
 
     def stop(self) -> None:
@@ -140,7 +173,7 @@ class Heartbeat:
         self._stop.set()
         self._thread.join()
         for req in self._sends.values():
-            if not _completed(req):
+            if not completed(req):
                 req.Cancel()
 
 
@@ -175,7 +208,7 @@ def watch_the_server(server_timeout: float) -> None:
 def duplicate(comm: MPI.Comm) -> MPI.Comm:
     """``comm.Dup()`` whose wait is bounded as every worker wait on the server is."""
     new, req = comm.Idup()
-    _wait(req)
+    wait(req)
     return new
 
 
@@ -201,7 +234,8 @@ class MPIServerTransport:
         dtype, device: of the server's model; payloads are handed over on ``device``.
         pin: stage through pinned host buffers (a CUDA server).
         slack: extra receive room, so a too-long message is detected by its size, not truncated.
-        on_discard: told ``(rank, reason)`` of every message discarded unread (the server's ``reject``).
+        on_discard: told ``(worker, reason)`` of every message discarded unread (the server's ``reject``).
+        first_worker: the rank of worker 1 (the ranks before it are servers: 1, or S when sharded).
     """
 
     def __init__(
@@ -214,9 +248,11 @@ class MPIServerTransport:
         pin: bool = False,
         slack: int = 1024,
         on_discard: Callable[[int, str], None] = lambda rank, reason: log.warning("rank %d: %s", rank, reason),
+        first_worker: int = 1,
     ):
         self.comm = comm
-        self.num_workers = comm.Get_size() - 1
+        self.first_worker = first_worker
+        self.num_workers = comm.Get_size() - first_worker
         self.d, self.b = params_numel, buffers_numel
         self.device = torch.device(device)
         self.itemsize = torch.empty(0, dtype=dtype).element_size()
@@ -224,7 +260,7 @@ class MPIServerTransport:
         self.recv = [_Buffer(numel + slack, dtype, pin) for _ in range(self.num_workers)]
         self.send = [_Buffer(numel, dtype, pin) for _ in range(self.num_workers)]
         self.requests = [
-            comm.Recv_init([b.bytes, MPI.BYTE], source=w + 1, tag=TAG_UP) for w, b in enumerate(self.recv)
+            comm.Recv_init([b.bytes, MPI.BYTE], source=first_worker + w, tag=TAG_UP) for w, b in enumerate(self.recv)
         ]
         self.sends: list[MPI.Request] = [MPI.REQUEST_NULL] * self.num_workers
         self.deferred: dict[int, Reply] = {}  # worker -> the reply waiting for its previous one to leave
@@ -242,7 +278,7 @@ class MPIServerTransport:
         """Wait up to ``timeout`` s for one message; its tensors are valid until the next poll."""
         self._rearm()
         deadline = time.monotonic() + timeout
-        spins, pause = 0, 2e-5
+        backoff = Backoff()
         self._polls += 1
         if self._polls % DRAIN_EVERY == 0:
             self._drain_unexpected()
@@ -259,10 +295,7 @@ class MPIServerTransport:
             if time.monotonic() >= deadline:
                 self._drain_unexpected()
                 return None
-            spins += 1
-            if spins > 50:
-                time.sleep(pause)
-                pause = min(pause * 2, 1e-3)
+            backoff.idle()
         idx, nbytes = self._ready.pop()
         self._clock += 1
         self._served[idx] = self._clock
@@ -282,7 +315,7 @@ class MPIServerTransport:
                 self.comm.Recv([self._scratch[:size], MPI.BYTE], source=source, tag=tag)
             except MPI.Exception:  # longer than the scratch buffer: truncated, and so consumed
                 pass
-            self.on_discard(source, f"message on unexpected tag {tag} (discarded unread)")
+            self.on_discard(source - self.first_worker + 1, f"message on unexpected tag {tag} (discarded unread)")
 
     def _decode(self, worker: int, nbytes: int) -> Message | Rejection:
         """Read the received bytes of ``worker`` against the wire format."""
@@ -347,7 +380,7 @@ class MPIServerTransport:
             buf.payload[d : d + reply.buffers.numel()].copy_(reply.buffers)
         buf.header[:] = (reply.version, DOWN_STOP if reply.stop else DOWN_CONTINUE, 0, 0)
         buf.hyper[: len(reply.hyper)] = reply.hyper
-        self.sends[i] = self.comm.Isend([buf.bytes, MPI.BYTE], dest=i + 1, tag=TAG_DOWN)
+        self.sends[i] = self.comm.Isend([buf.bytes, MPI.BYTE], dest=self.first_worker + i, tag=TAG_DOWN)
 
     def absorb(self) -> None:
         """After the stop: deliver deferred replies, and receive and drop whatever updates arrive, so
@@ -360,20 +393,20 @@ class MPIServerTransport:
         try:
             done = MPI.Request.Testsome(self.requests) or []
         except MPI.Exception:  # an unreadable message: find and re-arm it
-            done = [i for i, req in enumerate(self.requests) if _completed(req)]
+            done = [i for i, req in enumerate(self.requests) if completed(req)]
         for i in done:
             self.requests[i].Start()
 
     def close(self) -> None:
         """Cancel what nobody matched (every worker has passed the teardown barrier) and free it all."""
         for req in [*self.sends, *self.requests]:
-            if not _completed(req):
+            if not completed(req):
                 req.Cancel()
         for req in self.requests:
             req.Free()
 
 
-def _completed(req: MPI.Request) -> bool:
+def completed(req: MPI.Request) -> bool:
     try:
         return req.Test()
     except MPI.Exception:
@@ -381,44 +414,81 @@ def _completed(req: MPI.Request) -> bool:
 
 
 class MPIWorkerTransport:
-    """Worker side: send one message, receive the parameters to use next."""
+    """Worker side: send one message, receive the parameters to use next.
 
-    def __init__(self, comm: MPI.Comm, params_numel: int, buffers_numel: int, dtype: torch.dtype, pin: bool = False):
+    With S servers (``layout``), server k (rank k) gets the header and slice k of the vector (server 0
+    the buffers too) and answers with slice k of the parameters; the reply is whole once all S
+    slices are in. A vector of the wrong size is sliced by the layout, the last server taking the
+    rest, so the server that holds the odd slice rejects it.
+    """
+
+    def __init__(self, comm: MPI.Comm, params_numel: int, buffers_numel: int, dtype: torch.dtype, pin: bool = False,
+                 layout: ShardLayout | None = None):
         self.comm = comm
         self.d, self.b = params_numel, buffers_numel
-        self.out = _Buffer(self.d + self.b, dtype, pin)
-        self.inp = _Buffer(self.d + self.b, dtype, pin)
+        self.layout = ShardLayout(params_numel, 1) if layout is None else layout
+        sizes = [self.layout.size(k) + (self.b if k == 0 else 0) for k in range(self.layout.num_servers)]
+        self.out = [_Buffer(n, dtype, pin) for n in sizes]
+        self.inp = [_Buffer(n, dtype, pin) for n in sizes]
+        self.params = self.inp[0].payload[: self.d] if self.layout.num_servers == 1 else torch.empty(self.d, dtype=dtype)
 
     def exchange(self, msg: Message) -> Reply:
-        """Send ``msg`` (vector None: an empty "nothing" message); return the server's reply."""
-        reply = self.comm.Irecv([self.inp.bytes, MPI.BYTE], source=0, tag=TAG_DOWN)  # posted before the send
-        if msg.vector is None:
-            self.out.header[:] = (msg.worker, msg.step, msg.version, UP_STOP if msg.stop_request else UP_NOTHING)
-            _wait(self.comm.Isend([self.out.bytes[:HEADER_BYTES], MPI.BYTE], dest=0, tag=TAG_UP))
-        else:
-            d = msg.vector.numel()
-            n = d + (msg.buffers.numel() if msg.buffers is not None else 0)
-            out = self.out if n <= self.out.payload.numel() else _Buffer(n, msg.vector.dtype, False)  # too long
-            out.payload[:d].copy_(msg.vector)
-            if n > d:
-                out.payload[d:n].copy_(msg.buffers)
-            out.header[:] = (msg.worker, msg.step, msg.version, UP_UPDATE)
-            nbytes = HEADER_BYTES + n * msg.vector.element_size()
-            _wait(self.comm.Isend([out.bytes[:nbytes], MPI.BYTE], dest=0, tag=TAG_UP))
-        _wait(reply)
+        """Send ``msg`` (vector None: an empty "nothing" message); return the servers' reply."""
+        replies = self._post_receives()
+        flags = UP_UPDATE if msg.vector is not None else UP_STOP if msg.stop_request else UP_NOTHING
+        sends = [self._send(k, (msg.worker, msg.step, msg.version, flags), parts)
+                 for k, parts in enumerate(self._parts(msg))]
+        for req in sends:
+            wait(req)
+        for req in replies:
+            wait(req)
         return self._reply()
+
+    def _parts(self, msg: Message) -> list[list[Tensor]]:
+        """What goes to each server: its slice of the vector (server 0: and the buffers)."""
+        S = self.layout.num_servers
+        if msg.vector is None:
+            return [[] for _ in range(S)]
+        bounds = self.layout.bounds
+        parts = [[msg.vector[bounds[k] : bounds[k + 1] if k < S - 1 else None]] for k in range(S)]
+        if msg.buffers is not None:
+            parts[0].append(msg.buffers)
+        return parts
+
+    def _send(self, k: int, header: tuple[int, int, int, int], parts: list[Tensor]) -> MPI.Request:
+        n = sum(p.numel() for p in parts)
+        out = self.out[k]
+        if n > out.payload.numel():  # too long: the server rejects it by its size
+            out = _Buffer(n, parts[0].dtype, False)
+        offset = 0
+        for p in parts:
+            out.payload[offset : offset + p.numel()].copy_(p)
+            offset += p.numel()
+        out.header[:] = header
+        nbytes = HEADER_BYTES + n * out.payload.element_size()
+        return self.comm.Isend([out.bytes[:nbytes], MPI.BYTE], dest=k, tag=TAG_UP)
+
+    def _post_receives(self) -> list[MPI.Request]:
+        return [self.comm.Irecv([b.bytes, MPI.BYTE], source=k, tag=TAG_DOWN) for k, b in enumerate(self.inp)]
 
     def wait_stop(self) -> Reply:
         """A crashed worker sends nothing more; it only waits for the final parameters."""
-        _wait(self.comm.Irecv([self.inp.bytes, MPI.BYTE], source=0, tag=TAG_DOWN))
+        for req in self._post_receives():
+            wait(req)
         return self._reply()
 
     def _reply(self) -> Reply:
-        version, flags = int(self.inp.header[0]), int(self.inp.header[1])
-        payload = self.inp.payload
-        buffers = payload[self.d : self.d + self.b] if self.b else None
-        hyper = tuple(float(h) for h in self.inp.hyper)
-        return Reply(version, payload[: self.d], buffers, stop=flags == DOWN_STOP, hyper=hyper)
+        first = self.inp[0]
+        version, flags = int(first.header[0]), int(first.header[1])
+        versions = [int(b.header[0]) for b in self.inp]
+        if len(set(versions)) > 1:
+            raise RuntimeError(f"the servers answered at different versions {versions}: they are out of step")
+        if self.layout.num_servers > 1:
+            for k, b in enumerate(self.inp):
+                self.params[self.layout.slice(k)].copy_(b.payload[: self.layout.size(k)])
+        buffers = first.payload[self.layout.size(0) : self.layout.size(0) + self.b] if self.b else None
+        hyper = tuple(float(h) for h in first.hyper)
+        return Reply(version, self.params, buffers, stop=flags == DOWN_STOP, hyper=hyper)
 
 
 def _clone(t: Tensor | None) -> Tensor | None:
@@ -444,14 +514,16 @@ def send_metrics(comm: MPI.Comm, values: list[float]) -> MPI.Request:
 
 
 def gather_metrics(
-    comm: MPI.Comm, count: int, timeout: float, while_waiting: Callable[[], None] = lambda: None
+    comm: MPI.Comm, count: int, timeout: float, while_waiting: Callable[[], None] = lambda: None,
+    first_worker: int = 1,
 ) -> tuple[dict[int, np.ndarray], dict[int, str]]:
     """Server: every worker's ``count`` counter values, as far as they arrive within ``timeout`` s.
 
     Raw float64 against the schema both sides derive from the configuration: nothing a worker sends
-    is unpickled or interpreted beyond numbers. Returns (values by worker, rejection reason by worker).
+    is unpickled or interpreted beyond numbers. Returns (values by worker rank, rejection reason by
+    worker rank); workers are the ranks from ``first_worker`` on.
     """
-    workers = range(1, comm.Get_size())
+    workers = range(first_worker, comm.Get_size())
     buffers = {w: np.empty(count + 1, np.float64) for w in workers}  # +1: a too-long message shows
     requests = {w: comm.Irecv([buffers[w], MPI.DOUBLE], source=w, tag=TAG_METRICS) for w in workers}
     deadline = time.monotonic() + timeout
@@ -498,6 +570,13 @@ def send_text(comm: MPI.Comm, text: str, timeout: float = 30.0) -> None:
         log.warning("worker %d did not take the server's message within %.0fs (it does not evaluate or "
                     "stop with the server); cancelled", w, timeout)
         req.Cancel()
+
+
+def check_the_server() -> None:
+    """Raise :class:`ServerSilentError` if this process watches the server and it has gone silent
+    (for wait loops of their own)."""
+    if _watch is not None:
+        _watch.check()
 
 
 def recv_text(comm: MPI.Comm) -> str:

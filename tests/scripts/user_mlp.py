@@ -54,6 +54,20 @@ class KillSelf(L.Callback, Fault):
         return 0.0
 
 
+class KillRank(L.Callback):
+    """Test-only: MPI rank ``rank`` dies (SIGKILL) at its training step ``step``, whatever its role."""
+
+    def __init__(self, rank: int, step: int):
+        self.rank, self.step = rank, step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.strategy.global_rank == self.rank and trainer.global_step >= self.step:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 class Marker:
     """Unpickling this creates ``path``: proof that someone unpickled worker bytes."""
 
@@ -237,6 +251,7 @@ def main(argv=None) -> None:
     p.add_argument("--worker-timeout", type=float, default=60.0)
     p.add_argument("--malformed-worker", type=int, default=None)
     p.add_argument("--kill-worker", type=int, nargs=2, default=None, metavar=("WORKER", "STEP"))
+    p.add_argument("--kill-rank", type=int, nargs=2, default=None, metavar=("RANK", "STEP"))
     p.add_argument("--rogue-worker", type=int, default=None)
     p.add_argument("--boom", nargs=2, default=None, metavar=("RANK", "PHASE"))
     p.add_argument("--stall", nargs=2, default=None, metavar=("PHASE", "SECONDS"))
@@ -262,6 +277,8 @@ def main(argv=None) -> None:
         callbacks.append(MalformedMessages(args.malformed_worker))
     if args.kill_worker:
         callbacks.append(KillSelf(*args.kill_worker))
+    if args.kill_rank:
+        callbacks.append(KillRank(*args.kill_rank))
     if args.boom:
         callbacks.append(Boom(int(args.boom[0]), args.boom[1]))
     if args.stall:
