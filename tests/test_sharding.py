@@ -297,9 +297,14 @@ def test_two_mpi_servers_checkpoint_every_slice_and_resume(run_mpi, tmp_path):
 
 @pytest.mark.mpi
 @pytest.mark.timeout(300)
-def test_a_dead_server_rank_ends_the_job_nonzero_and_fast(run_mpi):
+@pytest.mark.parametrize("how", ["--kill-rank", "--freeze-rank"])
+def test_a_dead_or_frozen_server_rank_ends_the_job_nonzero_and_fast(run_mpi, how):
+    """Server 1 dies (the MPI runtime ends the job) or freezes (server 0's next cross-shard reduction
+    gives up after server_timeout, 4 s here, and ends it)."""
     start = time.monotonic()
-    proc, _ = run_mpi(4, "--num-servers", "2", "--steps", "100000", "--kill-rank", "1", "20",
+    proc, _ = run_mpi(4, "--num-servers", "2", "--steps", "100000", how, "1", "20", "--server-timeout", "4",
                       expect_ok=False, timeout=150)
     assert proc.returncode != 0
     assert time.monotonic() - start < 150
+    if how == "--freeze-rank":
+        assert "nothing from the other server ranks" in proc.stderr, proc.stderr[-2000:]

@@ -55,17 +55,18 @@ class KillSelf(L.Callback, Fault):
 
 
 class KillRank(L.Callback):
-    """Test-only: MPI rank ``rank`` dies (SIGKILL) at its training step ``step``, whatever its role."""
+    """Test-only: MPI rank ``rank`` dies (SIGKILL) or freezes (SIGSTOP: a hung node) at its training
+    step ``step``, whatever its role."""
 
-    def __init__(self, rank: int, step: int):
-        self.rank, self.step = rank, step
+    def __init__(self, rank: int, step: int, freeze: bool = False):
+        self.rank, self.step, self.freeze = rank, step, freeze
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.strategy.global_rank == self.rank and trainer.global_step >= self.step:
             import os
             import signal
 
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), signal.SIGSTOP if self.freeze else signal.SIGKILL)
 
 
 class Marker:
@@ -252,6 +253,7 @@ def main(argv=None) -> None:
     p.add_argument("--malformed-worker", type=int, default=None)
     p.add_argument("--kill-worker", type=int, nargs=2, default=None, metavar=("WORKER", "STEP"))
     p.add_argument("--kill-rank", type=int, nargs=2, default=None, metavar=("RANK", "STEP"))
+    p.add_argument("--freeze-rank", type=int, nargs=2, default=None, metavar=("RANK", "STEP"))
     p.add_argument("--rogue-worker", type=int, default=None)
     p.add_argument("--boom", nargs=2, default=None, metavar=("RANK", "PHASE"))
     p.add_argument("--stall", nargs=2, default=None, metavar=("PHASE", "SECONDS"))
@@ -279,6 +281,8 @@ def main(argv=None) -> None:
         callbacks.append(KillSelf(*args.kill_worker))
     if args.kill_rank:
         callbacks.append(KillRank(*args.kill_rank))
+    if args.freeze_rank:
+        callbacks.append(KillRank(*args.freeze_rank, freeze=True))
     if args.boom:
         callbacks.append(Boom(int(args.boom[0]), args.boom[1]))
     if args.stall:
