@@ -40,7 +40,8 @@ def test_simulated_training_learns_and_is_deterministic(tmp_path):
     ["--optimizer", "sgd"], ["--optimizer", "mu2sgd"],
     ["--optimizer", "adamw"], ["--momentum", "0.9"],  # the server's optimizer state: Lightning's checkpoint
     ["--worker-momentum", "0.9"],  # the workers' momenta: the strategy's state
-], ids=["sgd", "mu2sgd", "adamw", "server_momentum", "worker_momentum"])
+    ["--optimizer", "adamw", "--num-servers", "3", "--aggregator", "gm"],  # 3 server shards (issue 17)
+], ids=["sgd", "mu2sgd", "adamw", "server_momentum", "worker_momentum", "adamw_3_servers"])
 def test_resume_from_checkpoint_is_bit_identical(tmp_path, optimizer):
     straight = run(tmp_path, "straight", "--steps", "100", *optimizer)
     ckpt = tmp_path / "ckpt"
