@@ -138,7 +138,7 @@ class LeaderTransport:
         whole = params.detach().cpu().contiguous()
         self._sends += [self.control.Isend([whole.numpy(), MPI.BYTE], dest=k, tag=TAG_GATHER) for k in self.followers]
         for req in self._sends:
-            mpi.wait(req)
+            mpi.wait(req, self.server_timeout, "a server rank (the end)")
         self._sends = []
 
     # -- the serve loop's transport ----------------------------------------------------------------
