@@ -256,6 +256,7 @@ class MPIServerRole(Role):
         self.layout = ShardLayout(flat.numel, S)
         self.leader: sharded.LeaderTransport | None = None
         self._rows: torch.Tensor | None = None  # every server's rows, between a snapshot and its checkpoint
+        self.ended = False  # the other servers were told the end (and hold the whole point)
         options = {}
         if S > 1:
             options = dict(shards=[0], group=MPIGroup(servers, strategy.server_timeout),
@@ -308,6 +309,7 @@ class MPIServerRole(Role):
         if self.leader is not None:
             self.whole_point()
             self.leader.end(self.server.params)
+            self.ended = True
         faults, absorb = self.strategy.faults, self.transport.absorb  # workers' last updates, unread
         timeout = min(self.strategy.worker_timeout, 30.0)
         S = self.strategy.num_servers
@@ -331,16 +333,19 @@ class MPIServerRole(Role):
 
     def whole_point(self) -> None:
         """With S servers: put every server's slice of the parameters into this rank's model (before it
-        validates or ends), so rank 0 holds the whole point as with one server."""
-        if self.leader is not None:
+        validates or ends), so rank 0 holds the whole point as with one server (after the end it does)."""
+        if self.leader is not None and not self.ended:
             self.leader.gather(self.server.params)
 
     def snapshot(self) -> None:
         """With S servers, before a checkpoint: the whole point, optimizer state and rows here."""
-        if self.leader is not None:
+        if self.leader is not None and not self.ended:
             self._rows = self.leader.snapshot(self.server)
 
     def state_dict(self) -> dict:
+        if self.leader is not None and self.ended:
+            raise RuntimeError("a sharded server's state is spread over its ranks and they have ended: "
+                               "checkpoint during fit (e.g. ModelCheckpoint), not after it")
         if self.leader is not None and self._rows is None:
             self.snapshot()
         state = self.server.state_dict()
