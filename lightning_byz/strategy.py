@@ -191,10 +191,14 @@ class AsyncPSStrategy(SingleDeviceStrategy):
             _abort_job_on_uncaught_exception(self.global_rank, num_servers)
             from lightning_byz.transport import mpi
 
+            # every server rank beats; a worker watches them all, a server rank > 0 watches rank 0
             if self.global_rank == 0:
                 mpi.start_heartbeat(self.server_timeout)
-            else:
+            elif self.global_rank < num_servers:
+                mpi.start_heartbeat(self.server_timeout, targets=range(num_servers, size))
                 mpi.watch_the_server(self.server_timeout)
+            else:
+                mpi.watch_the_server(self.server_timeout, servers=range(num_servers))
             if arrival != "uniform" and self.global_rank == 0:
                 warnings.warn(
                     f"arrival={arrival!r} only shapes simulated runs; under MPI real timing decides who arrives"

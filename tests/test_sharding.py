@@ -281,7 +281,8 @@ def test_two_mpi_servers_train_validate_reject_and_end_with_the_whole_point(run_
 @pytest.mark.timeout(300)
 def test_two_mpi_servers_checkpoint_every_slice_and_resume(run_mpi, tmp_path):
     """AdamW on the server: a checkpoint at step 50 holds every server's slices (point, moments,
-    rows); a second job resumes from it to step 120 and keeps learning; a different layout is refused."""
+    rows); a second job resumes from it to step 120 and keeps learning. (Another layout is refused
+    by the server's own check: ``test_checkpoints_hold_every_slice_and_name_both_layouts_on_a_mismatch``.)"""
     ckpt = tmp_path / "ckpt"
     _, first = run_mpi(3, "--num-servers", "2", "--steps", "60", "--ckpt-dir", str(ckpt), "--optimizer", "adamw")
     state = torch.load(ckpt / "last.ckpt", weights_only=False)["callbacks"]["AsyncPSStrategy"]["server"]
@@ -291,21 +292,20 @@ def test_two_mpi_servers_checkpoint_every_slice_and_resume(run_mpi, tmp_path):
                          "--optimizer", "adamw")
     assert resumed[0]["version"] == 120 and resumed[0]["acc"] >= first[0]["acc"] - 0.05
     assert len({r["params"] for r in resumed}) == 1
-    proc, _ = run_mpi(2, "--steps", "120", "--resume", str(ckpt / "last.ckpt"), "--optimizer", "adamw",
-                      expect_ok=False)
-    assert proc.returncode != 0 and "on 2 server(s)" in proc.stderr and "on 1 server(s)" in proc.stderr
 
 
 @pytest.mark.mpi
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("how", ["--kill-rank", "--freeze-rank"])
 def test_a_dead_or_frozen_server_rank_ends_the_job_nonzero_and_fast(run_mpi, how):
-    """Server 1 dies (the MPI runtime ends the job) or freezes (server 0's next cross-shard reduction
-    gives up after server_timeout, 4 s here, and ends it)."""
+    """Server 1 dies (the MPI runtime ends the job) or freezes (its heartbeat stops: a worker waiting
+    for its reply, or server 0 in its next cross-shard reduction, gives up after server_timeout, 4 s
+    here, and ends it)."""
     start = time.monotonic()
-    proc, _ = run_mpi(4, "--num-servers", "2", "--steps", "100000", how, "1", "20", "--server-timeout", "4",
+    proc, _ = run_mpi(2, "--num-servers", "2", "--steps", "100000", how, "1", "20", "--server-timeout", "4",
                       expect_ok=False, timeout=150)
     assert proc.returncode != 0
     assert time.monotonic() - start < 150
-    if how == "--freeze-rank":
-        assert "nothing from the other server ranks" in proc.stderr, proc.stderr[-2000:]
+    if how == "--freeze-rank":  # named by a worker waiting for its reply, or by server 0 in a reduction
+        named = ("no word from the server (rank 1)", "nothing from the other server ranks")
+        assert any(text in proc.stderr for text in named), proc.stderr[-2000:]

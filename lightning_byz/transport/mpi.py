@@ -26,7 +26,9 @@ aborts the job) — counted from the first heartbeat, so a server still starting
 data) is waited for. This detects a server process that stopped (frozen, its node lost or cut off) that
 the MPI runtime has not noticed; a server stuck *inside* user code keeps beating (Lightning's
 ``max_time`` or the scheduler's limit ends that). Needs ``MPI_THREAD_MULTIPLE`` (mpi4py asks for it);
-without it there is no heartbeat and workers wait unbounded, as before (logged).
+without it there is no heartbeat and workers wait unbounded, as before (logged). With S servers
+every server rank beats to the workers, rank 0 to the other server ranks too; a worker watches all S
+(it waits for a reply from each), a server rank > 0 watches rank 0.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import atexit
 import logging
 import threading
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -119,46 +121,48 @@ def _poll_until(done: Callable[[], bool]) -> None:
 
 
 class ServerSilentError(RuntimeError):
-    """The server (rank 0) sent nothing, not even a heartbeat, for longer than ``server_timeout``."""
+    """A server rank sent nothing, not even a heartbeat, for longer than ``server_timeout``."""
 
 
 WATCH_EVERY = 0.1  # seconds between two looks for the server's heartbeat while a worker waits
 
 
 class ServerWatch:
-    """Worker: when the server's heartbeat was last taken, and the bound (heartbeats wait in MPI's
-    queue while the worker computes; they are taken before judging, so a long step is no silence)."""
+    """Worker (or server rank > 0): when each watched server's heartbeat was last taken, and the bound
+    (heartbeats wait in MPI's queue while the worker computes; they are taken before judging, so a
+    long step is no silence)."""
 
-    def __init__(self, comm: MPI.Comm, timeout: float):
+    def __init__(self, comm: MPI.Comm, timeout: float, servers: Sequence[int] = (0,)):
         self.comm, self.timeout = comm, float(timeout)
-        self.last: float | None = None  # no heartbeat yet: the server may still be starting (no bound)
+        self.last: dict[int, float] = {}  # no heartbeat yet: that server may still be starting (no bound)
+        self.servers = list(servers)
         self._beat = np.empty(1, np.int64)
 
     def check(self) -> None:
-        """Take the heartbeats that arrived; raise when the server, once heard, has been silent too long."""
-        while self.comm.Iprobe(source=0, tag=TAG_ALIVE):
-            self.comm.Recv([self._beat, MPI.INT64_T], source=0, tag=TAG_ALIVE)
-            self.last = time.monotonic()
-        if self.last is None:
-            return
-        silent = time.monotonic() - self.last
-        if silent > self.timeout:
-            raise ServerSilentError(
-                f"worker rank {self.comm.Get_rank()}: no word from the server (rank 0), not even its heartbeat, "
-                f"for {silent:.0f} s (server_timeout={self.timeout:g}): its process stopped or its node is "
-                "unreachable; ending this job (resume from the last checkpoint)"
-            )
+        """Take the heartbeats that arrived; raise when a server, once heard, has been silent too long."""
+        for server in self.servers:
+            while self.comm.Iprobe(source=server, tag=TAG_ALIVE):
+                self.comm.Recv([self._beat, MPI.INT64_T], source=server, tag=TAG_ALIVE)
+                self.last[server] = time.monotonic()
+        for server, last in self.last.items():
+            silent = time.monotonic() - last
+            if silent > self.timeout:
+                raise ServerSilentError(
+                    f"rank {self.comm.Get_rank()}: no word from the server (rank {server}), not even its heartbeat, "
+                    f"for {silent:.0f} s (server_timeout={self.timeout:g}): its process stopped or its node is "
+                    "unreachable; ending this job (resume from the last checkpoint)"
+                )
 
 
 class Heartbeat:
-    """Server: a daemon thread that sends every worker an empty ``TAG_ALIVE`` message every
-    ``interval`` seconds (a worker still holding the previous one is skipped: nothing piles up)."""
+    """Server: a daemon thread that sends every rank in ``targets`` an empty ``TAG_ALIVE`` message every
+    ``interval`` seconds (a rank still holding the previous one is skipped: nothing piles up)."""
 
-    def __init__(self, comm: MPI.Comm, interval: float):
+    def __init__(self, comm: MPI.Comm, interval: float, targets: Sequence[int]):
         self.comm, self.interval = comm, float(interval)
         self._stop = threading.Event()
         self._beat = np.zeros(1, np.int64)
-        self._sends = {w: MPI.REQUEST_NULL for w in range(1, comm.Get_size())}
+        self._sends = {w: MPI.REQUEST_NULL for w in targets}
         self._thread = threading.Thread(target=self._run, name="lightning-byz-heartbeat", daemon=True)
         self._thread.start()
 
@@ -188,19 +192,23 @@ def _threads_ok() -> bool:
     return False
 
 
-def start_heartbeat(server_timeout: float) -> None:
-    """Server: beat (process-wide, once) often enough for workers that allow ``server_timeout`` s."""
+def start_heartbeat(server_timeout: float, targets: Sequence[int] | None = None) -> None:
+    """Server: beat (process-wide, once) to ``targets`` (default: every other rank) often enough for
+    ranks that allow ``server_timeout`` s."""
     global _heartbeat
     if _heartbeat is None and under_mpi() and _threads_ok():
-        _heartbeat = Heartbeat(world(), interval=min(2.0, server_timeout / 5))
+        rank = world().Get_rank()
+        targets = [r for r in range(world().Get_size()) if r != rank] if targets is None else targets
+        _heartbeat = Heartbeat(world(), interval=min(2.0, server_timeout / 5), targets=targets)
         atexit.register(_heartbeat.stop)  # runs before mpi4py's MPI_Finalize (registered earlier)
 
 
-def watch_the_server(server_timeout: float) -> None:
-    """Worker: from now on (process-wide) every wait on the server is bounded by ``server_timeout``."""
+def watch_the_server(server_timeout: float, servers: Sequence[int] = (0,)) -> None:
+    """Worker (or server rank > 0): from now on (process-wide) every wait on the server is bounded by
+    ``server_timeout``: the ranks ``servers`` must keep beating."""
     global _watch
     if _watch is None and under_mpi() and _threads_ok():
-        _watch = ServerWatch(world(), server_timeout)
+        _watch = ServerWatch(world(), server_timeout, servers)
     if _watch is not None:
         _watch.timeout = float(server_timeout)
 
