@@ -340,8 +340,8 @@ class ParameterServer:
             return workers
         if self._padded is None:
             direction = parts[0] if len(parts) == 1 else torch.cat(parts)
-        else:
-            direction = self._padded
+        else:  # zeroed each time: a server rule may write into its direction
+            direction = self._padded.zero_()
             for k, part in zip(self.shards, parts):
                 direction[self.layout.slice(k)] = part
         self.server_rule.step([self.params], [direction], lr)
