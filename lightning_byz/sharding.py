@@ -62,12 +62,6 @@ class ShardLayout:
         """Views of ``flat`` (last dimension) on every shard."""
         return [flat[..., self.slice(k)] for k in range(self.num_servers)]
 
-    def describe(self) -> str:
-        return f"{self.num_servers} server(s) over {self.numel} parameters"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, ShardLayout) and (other.numel, other.num_servers) == (self.numel, self.num_servers)
-
 
 class ShardGroup(Protocol):
     """The servers of one update, as seen by shard ``rank``: reduces small tensors across them, in
@@ -227,11 +221,6 @@ def across_shards(group: ShardGroup | None) -> Iterator[None]:
         yield
     finally:
         _group.reset(token)
-
-
-def sharded() -> bool:
-    """Whether the code runs on one shard of several (inside :func:`across_shards`)."""
-    return _group.get() is not None
 
 
 def shard_rank() -> int:
