@@ -54,7 +54,7 @@ def test_malformed_messages_are_rejected_and_training_goes_on(run_mpi):
 
 def test_a_killed_worker_ends_the_job_nonzero_and_fast(run_mpi):
     start = time.monotonic()
-    proc, _ = run_mpi(3, "--steps", "100000", "--kill-worker", "2", "20", expect_ok=False, timeout=120)
+    proc, _ = run_mpi(2, "--steps", "100000", "--kill-worker", "2", "20", expect_ok=False, timeout=120)
     assert proc.returncode != 0
     assert time.monotonic() - start < 90
 
@@ -122,10 +122,10 @@ def test_an_exception_on_any_rank_ends_the_job_under_any_launcher(rank, phase, r
     from conftest import USER_SCRIPT
 
     ckpt = tmp_path / "ckpt"
-    cmd = [mpirun_path(), "-n", "4", sys.executable, *runner, USER_SCRIPT, "--out", str(tmp_path / "r"),
+    cmd = [mpirun_path(), "-n", "3", sys.executable, *runner, USER_SCRIPT, "--out", str(tmp_path / "r"),
            "--steps", "100000", "--boom", str(rank), phase, "--ckpt-dir", str(ckpt)]
     start = time.monotonic()
-    proc = subprocess.run(cmd, env=mpi_env(4), capture_output=True, text=True, timeout=150)
+    proc = subprocess.run(cmd, env=mpi_env(3), capture_output=True, text=True, timeout=150)
     _ended_with_the_traceback_of(proc, start, rank, named=not runner)
     if phase == "checkpoint":  # the save that raised wrote nothing; the one before is intact
         import torch
@@ -160,7 +160,7 @@ def test_an_exception_under_the_console_script_ends_the_job(tmp_path):
 def test_a_frozen_server_ends_the_job_and_a_long_validation_does_not(run_mpi):
     """Workers bound their wait on the server (server_timeout 4 s): a server process stopped at update
     20 (SIGSTOP: a hung node) ends the job non-zero, the workers naming the server; a server that
-    validates for 10 s at a time keeps them waiting (its heartbeat), and the run ends normally."""
+    validates for 5 s at a time keeps them waiting (its heartbeat), and the run ends normally."""
     start = time.monotonic()
     proc, _ = run_mpi(2, "--steps", "100000", "--server-timeout", "4", "--stall", "freeze", "0",
                       expect_ok=False, timeout=120)

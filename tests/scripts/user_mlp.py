@@ -182,8 +182,8 @@ class Stall(L.Callback):
     def __init__(self, phase: str, seconds: float):
         self.phase, self.seconds = phase, seconds
 
-    def on_validation_batch_start(self, trainer, *args):
-        if self.phase == "validation" and trainer.is_global_zero:
+    def on_validation_batch_start(self, trainer, module, batch, batch_idx, dataloader_idx=0):
+        if self.phase == "validation" and trainer.is_global_zero and batch_idx == 0:
             import time
 
             time.sleep(self.seconds)
@@ -306,6 +306,7 @@ def main(argv=None) -> None:
     trainer.fit(model, train, test if validate else None, ckpt_path=args.resume)
     acc = trainer.test(model, test, verbose=False)[0]["test_acc"]
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    flat = flat.cpu()
     digest = hashlib.sha256(flat.numpy().tobytes()).hexdigest()
     rank = strategy.global_rank
     result = {"rank": rank, "acc": acc, "params": digest, "global_zero": trainer.is_global_zero,
