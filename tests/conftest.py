@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+# One intra-op thread for the whole suite, in this process and in every process it starts (simulated
+# runs, benchmarks; MPI ranks get one from mpi_env anyway). The suite's models are tiny, so a second
+# thread buys little on a quiet machine; with any other job beside the suite on 2 cores, torch's two
+# OpenMP threads spin at every barrier for the thread the scheduler took away. Measured with one busy
+# loop beside it (2026-12-04): in-process trainings ran 30-60x slower than quiet (a simulated cwmed
+# run 222 s against 7 s) and the whole suite took 43 min.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from lightning_byz.launcher import launch
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from lightning_byz.launcher import launch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 SCRIPTS = Path(__file__).parent / "scripts"
 USER_SCRIPT = str(SCRIPTS / "user_mlp.py")

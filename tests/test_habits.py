@@ -80,19 +80,9 @@ class SmallVocabTransformer(LightningTransformer):
         return torch.optim.AdamW(self.parameters(), lr=3e-4, weight_decay=0.01)
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: with a job beside it on 2 cores, two spinning OpenMP threads of the
-    Transformer's kernels ran this test ~10x slower (298 s against ~40 s quiet)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(600)  # ~30 s quiet; 123 s measured with a busy loop beside it on 2 cores
-def test_transformer_lm_with_adamw_learns_as_under_the_default_strategy(one_thread):
+def test_transformer_lm_with_adamw_learns_as_under_the_default_strategy():
     held_out = DataLoader(_tokens(256, seed=1), batch_size=64)
 
     def held_out_loss(strategy) -> tuple[float, float]:

@@ -124,7 +124,6 @@ class SeenLabels(L.Callback, Fault):
 
 
 def test_a_simulated_fit_trains_each_worker_on_its_own_classes():
-    torch.set_num_threads(1)
     strategy = AsyncPSStrategy(aggregator="cwmed", transport="simulated", num_workers=5, partition="labels",
                                classes_per_worker=2, seed=3)
     seen = SeenLabels()

@@ -87,17 +87,7 @@ def test_paired_differences_are_taken_seed_by_seed():
     assert paired(constant, constant)["effect"] == 0.0
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: the MLP's ops are tiny, and on a busy 2-core machine two threads wait on
-    each other (the tiny report takes ~15 s instead of ~75 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_tiny_report_with_two_seeds(tmp_path, one_thread):
+def test_tiny_report_with_two_seeds(tmp_path):
     """2 figures × 2 runs × 2 seeds of 6 steps: every curve in the JSON, seeds that differ and
     reproduce, and a table and summary computed from those curves."""
     assert main(["report", "--grid", "tiny", "--seeds", "2", "--out", str(tmp_path)]) == 0
