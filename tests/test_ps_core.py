@@ -29,8 +29,7 @@ class MemoryTransport:
         return self.inbox.popleft() if self.inbox else None
 
     def reply(self, worker: int, reply: Reply) -> None:
-        buffers = None if reply.buffers is None else reply.buffers.clone()
-        self.sent.append((worker, Reply(reply.version, reply.params.clone(), buffers, reply.stop)))
+        self.sent.append((worker, reply.clone()))
 
     def answered(self) -> list[int]:
         out = [w for w, _ in self.sent]
@@ -405,6 +404,26 @@ def test_worker_rules_plug_in_unchanged():
         model, worker, _, _, closure = linear_setup(rule)
         msg, _ = worker.message(model.params.clone(), closure)
         assert msg.vector.shape == (D,) and bool(torch.isfinite(msg.vector).all())
+
+
+@pytest.mark.parametrize("with_buffers", [False, True])
+def test_a_cloned_message_or_reply_owns_its_tensors_and_keeps_every_field(with_buffers):
+    def buffers():
+        return torch.ones(2) if with_buffers else None
+
+    msg = Message(2, 5, 4, torch.zeros(D), buffers(), stop_request=True, refused="server 1's slice")
+    reply = Reply(7, torch.zeros(D), buffers(), stop=True, hyper=(0.5,))
+    copies = (msg.clone(), reply.clone())
+    for original in (msg, reply):  # a transport reuses its receive buffer for the next message
+        for t in (original.buffers, getattr(original, "vector", None), getattr(original, "params", None)):
+            if t is not None:
+                t.add_(1.0)
+    assert (copies[0].worker, copies[0].step, copies[0].version, copies[0].stop_request,
+            copies[0].refused) == (2, 5, 4, True, "server 1's slice")
+    assert (copies[1].version, copies[1].stop, copies[1].hyper) == (7, True, (0.5,))
+    assert copies[0].vector.eq(0).all() and copies[1].params.eq(0).all()
+    for copy in copies:
+        assert copy.buffers.eq(1).all() if with_buffers else copy.buffers is None
 
 
 def test_fault_set_runs_every_fault_in_order():

@@ -7,7 +7,7 @@ on the way out, so the serve loop and the worker step never see a header or a ta
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import Tensor
 
@@ -32,6 +32,10 @@ class Message:
     stop_request: bool = False
     refused: str | None = None
 
+    def clone(self) -> Message:
+        """A copy that owns its tensors (a transport's receive buffer is reused for the next message)."""
+        return replace(self, vector=_clone(self.vector), buffers=_clone(self.buffers))
+
 
 @dataclass
 class Rejection:
@@ -52,3 +56,11 @@ class Reply:
     buffers: Tensor | None = None
     stop: bool = False
     hyper: tuple[float, ...] = ()
+
+    def clone(self) -> Reply:
+        """A copy that owns its tensors (to send later, while the server's parameters move on)."""
+        return replace(self, params=self.params.clone(), buffers=_clone(self.buffers))
+
+
+def _clone(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.clone()

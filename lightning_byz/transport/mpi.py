@@ -369,8 +369,7 @@ class MPIServerTransport:
         """Send ``reply`` to ``worker`` without blocking (deferred while its previous reply is in flight)."""
         i = worker - 1
         if not self.sends[i].Test():  # the worker has not taken its previous reply yet
-            self.deferred[worker] = Reply(reply.version, reply.params.clone(), _clone(reply.buffers), reply.stop,
-                                          reply.hyper)
+            self.deferred[worker] = reply.clone()
             return
         self.deferred.pop(worker, None)
         self._send(i, reply)
@@ -497,10 +496,6 @@ class MPIWorkerTransport:
         buffers = first.payload[self.layout.size(0) : self.layout.size(0) + self.b] if self.b else None
         hyper = tuple(float(h) for h in first.hyper)
         return Reply(version, self.params, buffers, stop=flags == DOWN_STOP, hyper=hyper)
-
-
-def _clone(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.clone()
 
 
 def barrier(comm: MPI.Comm, timeout: float, while_waiting: Callable[[], None] = lambda: None) -> None:

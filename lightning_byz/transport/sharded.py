@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -160,7 +161,7 @@ class LeaderTransport:
             if got is not None:
                 if self._verdicts_of(got.worker, got.step) is not None:
                     return self._hand(got)
-                self.waiting[got.worker] = (_copy(got), time.monotonic())  # the newest per worker
+                self.waiting[got.worker] = (got.clone(), time.monotonic())  # the newest per worker
                 continue
             if time.monotonic() >= deadline:
                 return None
@@ -172,7 +173,7 @@ class LeaderTransport:
         self.verdicts.pop(msg.worker, None)
         self.handed = (msg.worker, msg.step)
         if refused is not None:
-            msg = Message(msg.worker, msg.step, msg.version, msg.vector, msg.buffers, msg.stop_request, refused)
+            msg = replace(msg, refused=refused)
         return msg
 
     def _ready(self) -> Message | None:
@@ -216,12 +217,6 @@ class LeaderTransport:
         self.inner.reply(worker, Reply(reply.version, reply.params[self.layout.slice(0)], reply.buffers,
                                        reply.stop, reply.hyper))
         self.command(REPLY, worker, reply.version, int(reply.stop))
-
-
-def _copy(msg: Message) -> Message:
-    clone = None if msg.vector is None else msg.vector.clone()
-    buffers = None if msg.buffers is None else msg.buffers.clone()
-    return Message(msg.worker, msg.step, msg.version, clone, buffers, msg.stop_request)
 
 
 class Follower:
