@@ -214,8 +214,7 @@ class LeaderTransport:
             self.verdicts.setdefault(worker, {})[k] = (step, reason)
 
     def reply(self, worker: int, reply: Reply) -> None:
-        self.inner.reply(worker, Reply(reply.version, reply.params[self.layout.slice(0)], reply.buffers,
-                                       reply.stop, reply.hyper))
+        self.inner.reply(worker, replace(reply, params=reply.params[self.layout.slice(0)]))
         self.command(REPLY, worker, reply.version, int(reply.stop))
 
 
